@@ -1,0 +1,91 @@
+"""
+Small pieces every script needs: the one error type users see, atomic writes, a one-line argparse error,
+and device/dtype selection.
+"""
+
+import argparse
+import io
+import os
+import sys
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+
+class UserError(Exception):
+    """Bad input from the user (a missing file, a malformed line, a mismatched checkpoint). The scripts
+    print it as one line and exit 1, with no traceback."""
+
+
+def run_main(main):
+    """Run a script's main(), turning a UserError or Ctrl-C into a one-line message and a non-zero exit."""
+    try:
+        main()
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted (checkpoints and data files are written atomically; nothing half-written)")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag gets one line (no usage block) naming the flag, and exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def atomic_write_bytes(path, data: bytes):
+    """Write to a temporary file in the same folder, then rename over path: a killed run leaves either
+    the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def atomic_torch_save(obj, path):
+    """torch.save, written atomically (see atomic_write_bytes)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def pick_device(name: str) -> str:
+    """'auto' picks cuda, then mps, then cpu; an explicit device that isn't there is a UserError."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: MPS is not available")
+    return name
+
+
+def pick_dtype(name: str, device: str) -> str:
+    """'auto' is bf16 on CUDA with bf16 support, else fp32. On CPUs without native bf16 matmuls (no
+    AVX512-BF16/AMX), bf16 autocast is slower than fp32, so fp32 stays the CPU default."""
+    if name == "auto":
+        return "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
+    return name
+
+
+def autocast(device: str, dtype: str):
+    """The autocast context for a dtype name: bf16/fp16 autocast, or nothing for fp32."""
+    if dtype == "fp32":
+        return nullcontext()
+    return torch.autocast(device_type=device.split(":")[0],
+                          dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[dtype])

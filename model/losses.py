@@ -1,0 +1,141 @@
+"""
+Distillation losses, as pure functions of tensors.
+
+Conventions shared by every function here:
+- logits are (B, T, V) and labels (B, T) are aligned with the inputs (labels[:, t] is token t, or
+  IGNORE_INDEX for padding / positions not to learn). Position t predicts token t+1, so each loss shifts
+  explicitly: logits[:, :-1] against labels[:, 1:].
+- A position counts when its target is real: mask = labels[:, 1:] != IGNORE_INDEX, (B, T-1). Every loss
+  (CE, KD, hidden, attention) averages over exactly these positions, dividing by their count, so adding
+  padding changes nothing and a batch split into micro-batches weighted by their share of real positions
+  gives the same loss and gradient as the whole batch.
+- Softmaxes are taken in fp32 whatever the autocast dtype: log-probs of a 2k-32k vocabulary in bf16 lose
+  the small probabilities that soft targets are all about.
+"""
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tv", "skew_kl")
+
+
+def target_mask(labels):
+    """(B, T) labels -> (B, T-1) bool: True where position t has a real next token to predict."""
+    return labels[:, 1:] != IGNORE_INDEX
+
+
+def cross_entropy(logits, labels):
+    """Next-token cross-entropy, -1/N sum_t log p(y_{t+1} | y_<=t), over the N real target positions."""
+    logits, targets = logits[:, :-1], labels[:, 1:]                                  # (B, T-1, V), (B, T-1)
+    n = (targets != IGNORE_INDEX).sum().clamp_min(1)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum") / n
+
+
+def divergence(t_logp, s_logp, kind: str, beta: float = 0.5, skew: float = 0.1):
+    """Per-position divergence between teacher and student distributions, given log-probs (..., V) in
+    fp32. Returns (...,). p = teacher, q = student.
+      forward_kl  KL(p||q) = sum p (log p - log q). Mean-seeking: q is punished wherever p has mass and q
+                  has none, so the student spreads over all the teacher's plausible tokens (Hinton et al.).
+      reverse_kl  KL(q||p) = sum q (log q - log p). Mode-seeking: q is punished for mass where p has none,
+                  so a small student may commit to the teacher's main modes (MiniLLM, Gu et al. 2024).
+      jsd         generalized JSD(beta) of GKD (Agarwal et al. 2024), with m = beta p + (1-beta) q:
+                  [beta KL(p||m) + (1-beta) KL(q||m)] / (beta (1-beta)). Dividing by beta(1-beta) makes it
+                  continuous in beta with forward KL at beta=0 and reverse KL at beta=1 (we return those
+                  exactly there); at beta=0.5 it is 4x the usual Jensen-Shannon divergence. Bounded for
+                  0<beta<1, so a teacher token the student gives ~0 mass cannot blow up.
+      tv          total variation 1/2 sum |p - q|, bounded in [0, 1].
+      skew_kl     skew forward KL of DistiLLM (Ko et al. 2024): KL(p || skew p + (1-skew) q). Mixing a
+                  little of p into q keeps the log finite where q is ~0, which steadies early training."""
+    p, q = t_logp.exp(), s_logp.exp()
+    if kind == "forward_kl" or (kind == "jsd" and beta == 0.0):
+        return (p * (t_logp - s_logp)).sum(-1)
+    if kind == "reverse_kl" or (kind == "jsd" and beta == 1.0):
+        return (q * (s_logp - t_logp)).sum(-1)
+    if kind == "jsd":
+        m_logp = torch.logsumexp(torch.stack([t_logp + torch.log(torch.tensor(beta)),
+                                              s_logp + torch.log(torch.tensor(1 - beta))]), dim=0)
+        kl_pm = (p * (t_logp - m_logp)).sum(-1)
+        kl_qm = (q * (s_logp - m_logp)).sum(-1)
+        return (beta * kl_pm + (1 - beta) * kl_qm) / (beta * (1 - beta))
+    if kind == "tv":
+        return 0.5 * (p - q).abs().sum(-1)
+    if kind == "skew_kl":
+        m_logp = torch.log(skew * p + (1 - skew) * q)
+        return (p * (t_logp - m_logp)).sum(-1)
+    raise ValueError(f"unknown divergence {kind!r}; choose from {', '.join(DIVERGENCES)}")
+
+
+def kd_loss(student_logits, teacher_logits, labels, kind: str = "forward_kl", temperature: float = 1.0,
+            beta: float = 0.5, skew: float = 0.1):
+    """Soft-target loss of Hinton et al. (2015):  T^2 * 1/N sum_t D( softmax(z_T/T) || softmax(z_S/T) ).
+    Why T^2: the gradient of D with respect to the student logits scales as 1/T^2 when both
+    distributions are softened by T, so multiplying by T^2 keeps the soft loss's pull on the student
+    comparable to the CE term's as T changes (and alpha means the same thing at any T).
+    Logits (B, T, V) are shifted like CE and averaged over the N real target positions."""
+    mask = target_mask(labels)                                                       # (B, T-1)
+    s = student_logits[:, :-1][mask].float() / temperature                           # (N, V)
+    t = teacher_logits[:, :-1][mask].float() / temperature                           # (N, V)
+    d = divergence(t.log_softmax(-1), s.log_softmax(-1), kind, beta, skew)           # (N,)
+    return temperature ** 2 * d.sum() / mask.sum().clamp_min(1)
+
+
+def layer_map(n_student: int, n_teacher: int):
+    """Evenly spaced student->teacher layer pairs over the block outputs: student block i (1..Ls) learns
+    from teacher block round(i * Lt / Ls), so the last block always maps to the last block."""
+    return [(i, round(i * n_teacher / n_student)) for i in range(1, n_student + 1)]
+
+
+def hidden_loss(student_states, teacher_states, labels, kind: str = "mse"):
+    """Feature distillation (FitNets, Romero et al. 2015; TinyBERT): match the student's hidden states,
+    already projected to the teacher width by a learned map, to the teacher's. Lists of (B, T, C_t).
+      mse     1/(N L) sum ||h_S W - h_T||^2 / C_t : pulls magnitudes too;
+      cosine  1/(N L) sum (1 - cos(h_S W, h_T))   : direction only, robust to the teacher's scale.
+    Averaged over layers and over the N positions whose next token is real (the same positions as CE)."""
+    mask = target_mask(labels)                                                       # (B, T-1)
+    total = 0.0
+    for s, t in zip(student_states, teacher_states):
+        s, t = s[:, :-1][mask].float(), t[:, :-1][mask].float()                      # (N, C_t)
+        if kind == "mse":
+            per_pos = (s - t).pow(2).mean(-1)
+        elif kind == "cosine":
+            per_pos = 1 - F.cosine_similarity(s, t, dim=-1)
+        else:
+            raise ValueError(f"unknown hidden loss {kind!r}; choose mse or cosine")
+        total = total + per_pos.sum() / mask.sum().clamp_min(1)
+    return total / len(student_states)
+
+
+def relation_logp(a, b, n_rel_heads: int, valid):
+    """Scaled dot-product relations between positions, as log-probs. a, b: (B, H, T, D) per-head
+    projections; they are concatenated over heads and re-split into n_rel_heads relation heads (MiniLMv2),
+    so a teacher and a student with different widths and head counts give relations of the same shape.
+    valid: (T, T) bool, which keys each query may see. Returns (B, R, T, T) log-softmax over keys, fp32."""
+    B, H, T, D = a.shape
+    a = a.transpose(1, 2).reshape(B, T, n_rel_heads, -1).transpose(1, 2).float()    # (B, R, T, H*D/R)
+    b = b.transpose(1, 2).reshape(B, T, n_rel_heads, -1).transpose(1, 2).float()    # (B, R, T, H*D/R)
+    scores = a @ b.transpose(-1, -2) / a.size(-1) ** 0.5                             # (B, R, T, T)
+    # A finite fill, not -inf: masked entries then get p = 0 and a finite log p, so p * (log p - log q)
+    # is exactly 0 there and no nan (-inf - -inf) can reach the gradient.
+    return scores.masked_fill(~valid, torch.finfo(scores.dtype).min).log_softmax(-1)
+
+
+def attention_relation_loss(student_qkv, teacher_qkv, labels, n_rel_heads: int):
+    """MiniLM (Wang et al. 2020) self-attention transfer, with MiniLMv2's relation heads:
+      L_attn = KL( softmax(q_T k_T^T / sqrt d) || softmax(q_S k_S^T / sqrt d) )      attention distributions
+             + KL( softmax(v_T v_T^T / sqrt d) || softmax(v_S v_S^T / sqrt d) )      value relations
+    each a (T x T) row-wise KL under the causal mask, averaged over relation heads and over the real
+    query positions. Forward KL, teacher first, as in MiniLM: the student must cover every position the
+    teacher attends to. q, k, v are (B, H, T, D) from the model (K/V already repeated to H heads)."""
+    (qs, ks, vs), (qt, kt, vt) = student_qkv, teacher_qkv
+    T = qs.size(2)
+    valid = torch.ones(T, T, dtype=torch.bool, device=qs.device).tril()            # (T, T) causal
+    mask = target_mask(labels)                                                       # (B, T-1)
+    total = 0.0
+    for (a_s, b_s), (a_t, b_t) in (((qs, ks), (qt, kt)), ((vs, vs), (vt, vt))):
+        s = relation_logp(a_s, b_s, n_rel_heads, valid)                              # (B, R, T, T)
+        t = relation_logp(a_t, b_t, n_rel_heads, valid)
+        kl = (t.exp() * (t - s)).sum(-1).mean(1)                                     # (B, T)
+        total = total + kl[:, :-1][mask].sum() / mask.sum().clamp_min(1)
+    return total

@@ -1,0 +1,70 @@
+"""
+A sentencepiece BPE tokenizer trained on the training corpus, shared by the teacher and the student.
+
+- Byte fallback: a character the vocabulary lacks becomes its UTF-8 bytes (<0x..> pieces), so any text
+  (Chinese, emoji) encodes and decodes back exactly, with no <unk>.
+- Identity normalisation, no whitespace clean-up and no dummy prefix: sentencepiece's defaults turn a
+  newline into a space and squeeze runs of spaces, which breaks any chat or Q/A format ("Q: x\\nA:" would
+  come back as "Q: x A:").
+- The chat tags are user-defined symbols, so each is always exactly one piece, whatever the text around it.
+"""
+
+import hashlib
+import io
+from pathlib import Path
+
+import sentencepiece as spm
+
+from model.common import UserError, atomic_write_bytes
+
+SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+
+class Tokenizer:
+    def __init__(self, path):
+        self.path = Path(path)
+        data = self.path.read_bytes()
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.LoadFromSerializedProto(data)
+        except RuntimeError:
+            raise UserError(f"{self.path}: not a sentencepiece model (corrupt or wrong file)") from None
+        self.sha256 = hashlib.sha256(data).hexdigest()  # identity, checked between teacher and student
+        self.vocab_size = self.sp.get_piece_size()
+        self.pad_id, self.eos_id = self.sp.pad_id(), self.sp.eos_id()
+        self.special = {tok: self.sp.piece_to_id(tok) for tok in SPECIAL_TOKENS}
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids) -> str:
+        return self.sp.decode(list(ids))
+
+
+def train_tokenizer(texts, path, vocab_size: int) -> Tokenizer:
+    """Train BPE on texts (an iterable of documents) and write it to path atomically.
+    Sentencepiece trains on lines, so documents are split at newlines; the newline itself is learned
+    through byte fallback (<0x0A>), one piece like any other."""
+    lines = (line for doc in texts for line in doc.split("\n") if line.strip())
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=lines, model_writer=model, model_type="bpe", vocab_size=vocab_size,
+            byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+            add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=True,
+            user_defined_symbols=SPECIAL_TOKENS, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+            input_sentence_size=300_000, shuffle_input_sentence=True, num_threads=2,
+            minloglevel=2)
+    except RuntimeError as e:  # e.g. a vocabulary larger than the text can fill
+        raise UserError(f"training the tokenizer failed: {str(e).splitlines()[-1]}") from None
+    atomic_write_bytes(path, model.getvalue())
+    return Tokenizer(path)
+
+
+def get_tokenizer(out_dir, docs, vocab_size: int) -> Tokenizer:
+    """<out_dir>/tokenizer.model if it exists (the teacher was trained with it), else train one on docs."""
+    path = Path(out_dir) / "tokenizer.model"
+    if path.is_file():
+        return Tokenizer(path)
+    print(f"training a {vocab_size}-piece BPE tokenizer -> {path}")
+    return train_tokenizer(docs, path, vocab_size)

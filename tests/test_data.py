@@ -1,0 +1,95 @@
+"""Tokenizer round-trips and data loading: every input format, and malformed input giving errors that
+name the file and line. Run: python -m pytest tests/test_data.py"""
+
+import json
+
+import numpy as np
+import pytest
+
+from model.common import UserError
+from model.data import chat_text, eval_batches, get_batch, load_documents, tokenize_split
+from model.tokenizer import SPECIAL_TOKENS, Tokenizer
+
+
+@pytest.mark.parametrize("text", [
+    "Q: Where does Mia live?\nA: Greenhill",
+    "tabs\tand   runs  of spaces \n\n two blank lines",
+    "中文也可以：小猫在花园里。",
+    "emoji 😀🐈 and accents: café",
+    " leading and trailing spaces ",
+])
+def test_tokenizer_round_trips_any_text(tok, text):
+    assert tok.decode(tok.encode(text)) == text, "byte fallback + identity normalisation must round-trip"
+
+
+def test_special_tokens_are_single_pieces(tok):
+    for t in SPECIAL_TOKENS:
+        ids = tok.encode(f"x{t}y")
+        assert tok.special[t] in ids and len(tok.encode(t)) == 1, f"{t} must be one token"
+    ids = tok.encode(chat_text([{"role": "user", "content": "hi"},
+                                {"role": "assistant", "content": "ok", "reasoning_content": "think"}]))
+    assert ids.count(tok.special["<think>"]) == 1 and ids.count(tok.special["<|im_end|>"]) == 2
+
+
+def test_corrupt_tokenizer_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "tokenizer.model"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(UserError, match="tokenizer.model"):
+        Tokenizer(bad)
+
+
+def write(path, lines):
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_plain_text_splits_documents_at_blank_lines(tmp_path):
+    p = tmp_path / "c.txt"
+    p.write_text("first doc\nline two\n\nsecond doc\n", encoding="utf-8")
+    assert load_documents(p) == ["first doc\nline two", "second doc\n"]
+
+
+def test_minimind_pretrain_and_sft_jsonl(tmp_path):
+    pre = write(tmp_path / "pretrain.jsonl", [json.dumps({"text": "hello world"}), json.dumps({"text": "again"})])
+    assert load_documents(pre) == ["hello world", "again"]
+    conv = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    sft = write(tmp_path / "sft.jsonl", [json.dumps({"conversations": conv}, ensure_ascii=False)])
+    assert load_documents(sft) == ["<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n"]
+
+
+@pytest.mark.parametrize("lines,match", [
+    (['{"text": "ok"}', '{"text": "broken'], r"bad.jsonl:2: malformed JSON"),
+    (['{"text": "ok"}', ''], r"bad.jsonl:2: empty line"),
+    (['[1, 2]'], r"bad.jsonl:1: expected a JSON object"),
+    (['{"other": 1}'], r'bad.jsonl:1: expected a "text"'),
+    (['{"conversations": [{"role": "user"}]}'], r"bad.jsonl:1: each message needs"),
+])
+def test_malformed_jsonl_names_file_and_line(tmp_path, lines, match):
+    with pytest.raises(UserError, match=match):
+        load_documents(write(tmp_path / "bad.jsonl", lines))
+
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(UserError, match="no such file"):
+        load_documents(tmp_path / "nope.txt")
+    (tmp_path / "empty.txt").write_text("\n\n", encoding="utf-8")
+    with pytest.raises(UserError, match="empty.txt: no text"):
+        load_documents(tmp_path / "empty.txt")
+
+
+def test_split_batches_are_deterministic_and_hold_out_validation(tok):
+    train, val = tokenize_split(["story one. " * 50, "story two. " * 50], tok, block_size=16, val_fraction=0.1)
+    assert len(val) >= 17 and len(train) > len(val)
+    a, la = get_batch(train, step=3, batch_size=4, block_size=16, seed=1)
+    b, _ = get_batch(train, step=3, batch_size=4, block_size=16, seed=1)
+    c, _ = get_batch(train, step=4, batch_size=4, block_size=16, seed=1)
+    assert a.shape == (4, 16) and torch_equal(a, b) and not torch_equal(a, c)
+    assert torch_equal(a, la), "labels are the inputs; the losses shift them"
+    windows = eval_batches(val, batch_size=2, block_size=16, max_tokens=10_000)
+    assert sum(w.size(0) for w, _ in windows) == len(val) // 16
+    with pytest.raises(UserError, match="tokens of text"):
+        tokenize_split(["tiny"], tok, block_size=64, val_fraction=0.1)
+
+
+def torch_equal(a, b):
+    return np.array_equal(a.numpy(), b.numpy())

@@ -1,0 +1,144 @@
+"""Loss functions: divergence identities, masking/padding invariance, micro-batch invariance, hidden and
+attention losses. Run: python -m pytest tests/test_losses.py"""
+
+import pytest
+import torch
+
+from model.losses import (DIVERGENCES, IGNORE_INDEX, attention_relation_loss, cross_entropy, divergence,
+                          hidden_loss, kd_loss, layer_map)
+from model.model import ModelConfig, Transformer
+
+
+def logps(n=6, v=11, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, v, generator=g) * 2).log_softmax(-1), (torch.randn(n, v, generator=g) * 2).log_softmax(-1)
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+def test_divergence_of_a_distribution_with_itself_is_zero(kind):
+    p, _ = logps()
+    d = divergence(p, p, kind)
+    assert torch.allclose(d, torch.zeros_like(d), atol=1e-6), f"{kind}(p||p) should be 0, got {d}"
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+def test_divergence_is_positive_for_different_distributions(kind):
+    p, q = logps()
+    assert (divergence(p, q, kind) > 0).all(), f"{kind} should be > 0 when p != q"
+
+
+def test_kl_matches_torch_kl_div():
+    p, q = logps()
+    ref = torch.nn.functional.kl_div(q, p, log_target=True, reduction="none").sum(-1)  # KL(p||q)
+    assert torch.allclose(divergence(p, q, "forward_kl"), ref, atol=1e-6)
+    assert torch.allclose(divergence(p, q, "reverse_kl"), divergence(q, p, "forward_kl"), atol=1e-6)
+
+
+def test_jsd_endpoints_are_forward_and_reverse_kl():
+    p, q = logps()
+    fwd, rev = divergence(p, q, "forward_kl"), divergence(p, q, "reverse_kl")
+    assert torch.equal(divergence(p, q, "jsd", beta=0.0), fwd)
+    assert torch.equal(divergence(p, q, "jsd", beta=1.0), rev)
+    # and the scaled JSD is continuous: close to the endpoints it approaches them
+    assert torch.allclose(divergence(p, q, "jsd", beta=1e-4), fwd, rtol=1e-2)
+    assert torch.allclose(divergence(p, q, "jsd", beta=1 - 1e-4), rev, rtol=1e-2)
+
+
+def test_tv_and_skew_special_cases():
+    p, q = logps()
+    assert (divergence(p, q, "tv") <= 1).all(), "total variation is at most 1"
+    assert torch.allclose(divergence(p, q, "skew_kl", skew=0.0), divergence(p, q, "forward_kl"), atol=1e-6)
+
+
+def batch(B=3, T=9, V=13, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s, t = torch.randn(B, T, V, generator=g), torch.randn(B, T, V, generator=g)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    return s, t, labels
+
+
+def pad(x, n, value):
+    """Right-pad (B, T, ...) along T with n positions of value."""
+    shape = list(x.shape)
+    shape[1] = n
+    return torch.cat([x, torch.full(shape, value, dtype=x.dtype)], 1)
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+def test_padding_does_not_change_the_losses(kind):
+    s, t, labels = batch()
+    base_kd, base_ce = kd_loss(s, t, labels, kind, temperature=2.0), cross_entropy(s, labels)
+    s2, t2, l2 = pad(s, 4, 9.0), pad(t, 4, -3.0), pad(labels, 4, IGNORE_INDEX)
+    assert torch.allclose(kd_loss(s2, t2, l2, kind, temperature=2.0), base_kd, atol=1e-6)
+    assert torch.allclose(cross_entropy(s2, l2), base_ce, atol=1e-6)
+    h_s, h_t = [torch.randn(3, 9, 5)], [torch.randn(3, 9, 5)]
+    assert torch.allclose(hidden_loss([pad(h_s[0], 4, 7.0)], [pad(h_t[0], 4, 1.0)], l2),
+                          hidden_loss(h_s, h_t, labels), atol=1e-6)
+
+
+def test_kd_loss_scales_with_t_squared_and_shifts():
+    s, t, labels = batch()
+    p = t[:, :-1].reshape(-1, 13).div(3.0).log_softmax(-1)
+    q = s[:, :-1].reshape(-1, 13).div(3.0).log_softmax(-1)
+    ref = 9.0 * divergence(p, q, "forward_kl").mean()
+    assert torch.allclose(kd_loss(s, t, labels, temperature=3.0), ref, atol=1e-6), \
+        "KD = T^2 * mean over the first T-1 positions (the last one has no target)"
+
+
+def test_micro_batches_give_the_same_loss_and_gradient():
+    """Weighting each micro-batch's mean by its share of real targets reproduces the full-batch gradient,
+    even when the micro-batches hold different amounts of padding (as model/train.py does)."""
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(vocab_size=32, n_layer=1, n_embd=16, n_head=2, n_kv_head=1, max_seq_len=16))
+    x = torch.randint(0, 32, (4, 12))
+    labels = x.clone()
+    labels[0, 5:] = IGNORE_INDEX  # uneven padding: micro-batch 1 has fewer real targets
+    labels[1, 3:] = IGNORE_INDEX
+    t_logits = torch.randn(4, 12, 32)
+
+    def loss_fn(xb, lb, tb):
+        logits = m(xb)["logits"]
+        return 0.5 * cross_entropy(logits, lb) + 0.5 * kd_loss(logits, tb, lb, "jsd")
+
+    loss_fn(x, labels, t_logits).backward()
+    full = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    n_total = (labels[:, 1:] != IGNORE_INDEX).sum()
+    for xb, lb, tb in zip(x.chunk(2), labels.chunk(2), t_logits.chunk(2)):
+        (loss_fn(xb, lb, tb) * (lb[:, 1:] != IGNORE_INDEX).sum() / n_total).backward()
+    for a, b in zip(full, [p.grad for p in m.parameters()]):
+        assert torch.allclose(a, b, atol=1e-6), "accumulated gradient differs from the full-batch gradient"
+
+
+def test_hidden_loss_is_zero_when_student_copies_teacher():
+    _, _, labels = batch()
+    h = [torch.randn(3, 9, 8), torch.randn(3, 9, 8)]
+    for kind in ("mse", "cosine"):
+        assert hidden_loss(h, [x.clone() for x in h], labels, kind).abs() < 1e-6, kind
+        assert hidden_loss(h, [x + 1 for x in h], labels, kind) > 0, kind
+
+
+def test_layer_map_is_evenly_spaced_and_ends_at_the_top():
+    assert layer_map(2, 4) == [(1, 2), (2, 4)]
+    assert layer_map(3, 6) == [(1, 2), (2, 4), (3, 6)]
+    assert layer_map(4, 4) == [(1, 1), (2, 2), (3, 3), (4, 4)]
+
+
+def test_attention_relation_loss_across_widths():
+    torch.manual_seed(0)
+    t = Transformer(ModelConfig(vocab_size=32, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, max_seq_len=16))
+    s = Transformer(ModelConfig(vocab_size=32, n_layer=1, n_embd=16, n_head=2, n_kv_head=1, max_seq_len=16))
+    x = torch.randint(0, 32, (2, 10))
+    labels = x.clone()
+    t_qkv = t(x, attn_layer=-1)["qkv"]
+    self_loss = attention_relation_loss(t_qkv, t_qkv, labels, n_rel_heads=4)
+    assert self_loss.abs() < 1e-6, "a model's relations match themselves"
+    loss = attention_relation_loss(s(x, attn_layer=-1)["qkv"], t_qkv, labels, n_rel_heads=4)
+    assert loss > 0 and torch.isfinite(loss)
+    loss.backward()
+    grads = [p.grad for p in s.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads), "no nan from the masked (future) entries"
+    # padding invariance holds for the relation loss too
+    xp, lp = pad(x, 3, 0), pad(labels, 3, IGNORE_INDEX)
+    padded = attention_relation_loss(s(xp, attn_layer=-1)["qkv"], t(xp, attn_layer=-1)["qkv"], lp, 4)
+    assert torch.allclose(padded, loss, atol=1e-5)

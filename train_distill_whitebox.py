@@ -1,0 +1,241 @@
+"""
+White-box distillation: a small student learns from a bigger teacher's logits and hidden states.
+
+    loss = alpha * CE(y, z_S) + (1 - alpha) * T^2 * D(p_T || p_S) + lambda_h * L_hidden + lambda_a * L_attn
+
+With no arguments it runs the whole story on a CPU in a few minutes: generate the embedded story corpus,
+train a tokenizer, pretrain a teacher (once; later runs reuse out/teacher.pt), distil a student, train the
+same student with CE only as a baseline (same init, same batches, same steps), and print a comparison table
+(also written to out/whitebox_report.json).
+
+    python train_distill_whitebox.py
+    python train_distill_whitebox.py --divergence reverse_kl --temperature 2 --hidden_weight 0
+    python train_distill_whitebox.py --device cuda --dtype bf16 --data my_corpus.jsonl
+"""
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from model.common import ArgumentParser, UserError, atomic_write_bytes, pick_device, pick_dtype, run_main
+from model.data import eval_batches, load_corpus, tokenize_split
+from model.losses import (DIVERGENCES, attention_relation_loss, cross_entropy, hidden_loss, kd_loss,
+                          layer_map)
+from model.model import ModelConfig, Transformer, generate
+from model.tokenizer import get_tokenizer
+from model.train import Logger, add_teacher_args, evaluate, get_teacher, train
+
+
+def parse_args():
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    # data and output
+    p.add_argument("--data", default=None, help=".txt, pretrain JSONL ({'text'}) or SFT JSONL ({'conversations'}); "
+                                                "default: the embedded story corpus")
+    p.add_argument("--data_seed", type=int, default=0, help="seed of the embedded story world and corpus")
+    p.add_argument("--n_chars", type=int, default=2_000_000, help="size of the embedded corpus in characters")
+    p.add_argument("--val_fraction", type=float, default=0.05, help="share of tokens held out for validation")
+    p.add_argument("--vocab_size", type=int, default=2048, help="BPE vocabulary size when a tokenizer is trained")
+    p.add_argument("--out_dir", default="out", help="tokenizer, checkpoints, logs and report go here")
+    # hardware
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
+    # teacher
+    add_teacher_args(p)
+    # student
+    p.add_argument("--n_layer", type=int, default=2, help="student layers")
+    p.add_argument("--n_embd", type=int, default=128, help="student width C")
+    p.add_argument("--n_head", type=int, default=4, help="student query heads")
+    p.add_argument("--n_kv_head", type=int, default=2, help="student key/value heads")
+    p.add_argument("--init", default="random", choices=["random", "teacher"],
+                   help="student init: random, or every other teacher layer (DistilBERT; needs equal widths)")
+    # distillation
+    p.add_argument("--alpha", type=float, default=0.1, help="weight of the hard-label CE; 1-alpha goes to KD")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature T of the KD term")
+    p.add_argument("--divergence", default="forward_kl", choices=DIVERGENCES, help="D in the KD term")
+    p.add_argument("--jsd_beta", type=float, default=0.5, help="beta of the generalized JSD (0 = forward KL)")
+    p.add_argument("--skew", type=float, default=0.1, help="mixing weight of skew_kl")
+    p.add_argument("--hidden_weight", type=float, default=0.0, help="lambda_h, weight of the hidden-state loss")
+    p.add_argument("--hidden_loss", default="mse", choices=["mse", "cosine"], help="hidden-state distance")
+    p.add_argument("--layer_map", default=None,
+                   help="student:teacher block pairs, e.g. '1:2,2:4'; default evenly spaced")
+    p.add_argument("--attn_weight", type=float, default=0.0,
+                   help="lambda_a, weight of the MiniLM attention/value relation loss (last layer)")
+    p.add_argument("--attn_heads", type=int, default=4, help="relation heads of the attention loss")
+    p.add_argument("--no_baseline", action="store_true", help="skip the CE-only baseline student")
+    # optimization
+    p.add_argument("--seed", type=int, default=1337, help="seed of the student init and the batch order")
+    p.add_argument("--steps", type=int, default=600, help="student optimizer steps")
+    p.add_argument("--batch_size", type=int, default=32, help="sequences per optimizer step")
+    p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per step (batch_size splits)")
+    p.add_argument("--block_size", type=int, default=128, help="sequence length T")
+    p.add_argument("--lr", type=float, default=3e-3, help="student peak learning rate")
+    p.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine floor as a share of the peak lr")
+    p.add_argument("--warmup_steps", type=int, default=50, help="linear warmup steps")
+    p.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay on matrices")
+    p.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this")
+    p.add_argument("--log_interval", type=int, default=50, help="steps between log lines")
+    p.add_argument("--eval_interval", type=int, default=200, help="steps between validation passes")
+    p.add_argument("--ckpt_interval", type=int, default=200, help="steps between checkpoints")
+    p.add_argument("--eval_tokens", type=int, default=32768, help="validation tokens per evaluation")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in out_dir")
+    p.add_argument("--sample_tokens", type=int, default=48, help="tokens to sample from each model at the end")
+    args = p.parse_args()
+    for flag in ("steps", "batch_size", "grad_accum", "block_size", "teacher_steps", "log_interval",
+                 "eval_interval", "ckpt_interval"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be at least 1")
+    if args.batch_size % args.grad_accum:
+        p.error(f"--batch_size {args.batch_size} must be a multiple of --grad_accum {args.grad_accum}")
+    if not 0 <= args.alpha <= 1 or args.temperature <= 0 or not 0 <= args.jsd_beta <= 1:
+        p.error("need 0 <= --alpha <= 1, --temperature > 0 and 0 <= --jsd_beta <= 1")
+    return args
+
+
+def parse_layer_map(spec, n_student: int, n_teacher: int):
+    """'1:2,2:4' -> [(1, 2), (2, 4)]; None -> evenly spaced. Blocks are numbered from 1."""
+    if spec is None:
+        return layer_map(n_student, n_teacher)
+    try:
+        pairs = [tuple(int(n) for n in item.split(":")) for item in spec.split(",")]
+    except ValueError:
+        raise UserError(f"--layer_map {spec!r}: expected pairs like '1:2,2:4'") from None
+    for pair in pairs:
+        if len(pair) != 2 or not (1 <= pair[0] <= n_student and 1 <= pair[1] <= n_teacher):
+            raise UserError(f"--layer_map {spec!r}: student blocks are 1..{n_student}, teacher 1..{n_teacher}")
+    return pairs
+
+
+def init_from_teacher(student, teacher):
+    """DistilBERT's init: student block i copies teacher block 2i; embeddings and final norm copied too."""
+    if student.config.n_embd != teacher.config.n_embd:
+        raise UserError(f"--init teacher needs equal widths (student {student.config.n_embd}, "
+                        f"teacher {teacher.config.n_embd})")
+    student.embed_tokens.load_state_dict(teacher.embed_tokens.state_dict())
+    student.norm.load_state_dict(teacher.norm.state_dict())
+    for i, block in enumerate(student.layers):
+        block.load_state_dict(teacher.layers[min(2 * i, teacher.config.n_layer - 1)].state_dict())
+
+
+def main():
+    args = parse_args()
+    t_start = time.perf_counter()
+    # ------------------------------------------------------------------------------------------------------
+    # device
+    args.device = pick_device(args.device)
+    args.dtype = pick_dtype(args.dtype, args.device)
+    out_dir = Path(args.out_dir)
+    logger = Logger(out_dir / "whitebox_log.jsonl")
+    print(f"device {args.device} | dtype {args.dtype} | out_dir {out_dir}")
+
+    # ------------------------------------------------------------------------------------------------------
+    # data
+    docs = load_corpus(args.data, args.data_seed, args.n_chars)
+    tok = get_tokenizer(out_dir, docs, args.vocab_size)
+    train_tokens, val_tokens = tokenize_split(docs, tok, args.block_size, args.val_fraction)
+    val_batches = eval_batches(val_tokens, args.batch_size, args.block_size, args.eval_tokens)
+    print(f"data: {len(docs)} documents | {len(train_tokens):,} train tokens | {len(val_tokens):,} val tokens "
+          f"| vocab {tok.vocab_size}")
+
+    # ------------------------------------------------------------------------------------------------------
+    # teacher and student
+    teacher = get_teacher(args, tok, train_tokens, logger)
+    torch.manual_seed(args.seed)
+    student = Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=args.n_layer, n_embd=args.n_embd,
+                                      n_head=args.n_head, n_kv_head=args.n_kv_head,
+                                      max_seq_len=args.block_size)).to(args.device)
+    if args.init == "teacher":
+        init_from_teacher(student, teacher)
+    init_state = {k: v.clone() for k, v in student.state_dict().items()}  # the baseline starts here too
+    pairs = parse_layer_map(args.layer_map, args.n_layer, teacher.config.n_layer)
+    # One learned map d_s -> d_t per matched layer. It lives only during training: not in the saved student.
+    projector = nn.ModuleList(nn.Linear(args.n_embd, teacher.config.n_embd, bias=False) for _ in pairs)
+    projector.to(args.device)
+    use_hidden, use_attn = args.hidden_weight > 0, args.attn_weight > 0
+    if use_attn and (args.n_embd % args.attn_heads or teacher.config.n_embd % args.attn_heads):
+        raise UserError(f"--attn_heads {args.attn_heads} must divide both widths "
+                        f"({args.n_embd}, {teacher.config.n_embd})")
+    print(f"teacher {teacher.num_params() / 1e6:.2f}M params | student {student.num_params() / 1e6:.2f}M params "
+          f"| layer map {pairs if use_hidden else 'unused'}")
+
+    def kd_step(x, labels):
+        with torch.no_grad():
+            t_out = teacher(x, output_hidden_states=use_hidden, attn_layer=-1 if use_attn else None)
+        s_out = student(x, output_hidden_states=use_hidden, attn_layer=-1 if use_attn else None)
+        ce = cross_entropy(s_out["logits"], labels)
+        kd = kd_loss(s_out["logits"], t_out["logits"], labels, args.divergence, args.temperature,
+                     args.jsd_beta, args.skew)
+        loss = args.alpha * ce + (1 - args.alpha) * kd
+        parts = {"ce": ce, "kd": kd}
+        if use_hidden:
+            s_states = [proj(s_out["hidden_states"][i]) for proj, (i, _) in zip(projector, pairs)]
+            t_states = [t_out["hidden_states"][j] for _, j in pairs]
+            parts["hid"] = hidden_loss(s_states, t_states, labels, args.hidden_loss)
+            loss = loss + args.hidden_weight * parts["hid"]
+        if use_attn:
+            parts["attn"] = attention_relation_loss(s_out["qkv"], t_out["qkv"], labels, args.attn_heads)
+            loss = loss + args.attn_weight * parts["attn"]
+        return loss, {"loss": loss, **parts}
+
+    # ------------------------------------------------------------------------------------------------------
+    # distil, then the CE-only baseline from the same init on the same batches
+    student_s = train(student, kd_step, train_tokens, args, name="student", steps=args.steps, lr=args.lr,
+                      ckpt_path=out_dir / "student.pt", logger=logger, tokenizer_sha256=tok.sha256,
+                      aux=projector if use_hidden else None,
+                      eval_fn=lambda: evaluate(student, val_batches, args.device, args.dtype))
+    models = {"teacher": teacher, "student": student}
+    train_s = {"student": student_s}
+    if not args.no_baseline:
+        baseline = Transformer(student.config).to(args.device)
+        baseline.load_state_dict(init_state)
+
+        def ce_step(x, labels):
+            loss = cross_entropy(baseline(x)["logits"], labels)
+            return loss, {"loss": loss}
+
+        train_s["baseline"] = train(baseline, ce_step, train_tokens, args, name="baseline", steps=args.steps,
+                                    lr=args.lr, ckpt_path=out_dir / "baseline.pt", logger=logger,
+                                    tokenizer_sha256=tok.sha256,
+                                    eval_fn=lambda: evaluate(baseline, val_batches, args.device, args.dtype))
+        models["baseline"] = baseline
+
+    # ------------------------------------------------------------------------------------------------------
+    # evaluate: the same validation windows for all three
+    report = {}
+    for name, model in models.items():
+        report[name] = evaluate(model, val_batches, args.device, args.dtype, teacher=teacher)
+        report[name]["params"] = model.num_params()
+        report[name]["train_s"] = train_s.get(name)
+    if "baseline" in report:
+        l_t, l_s, l_b = (report[k]["val_loss"] for k in ("teacher", "student", "baseline"))
+        report["gap_closed"] = (l_b - l_s) / (l_b - l_t) if l_b != l_t else None
+    report["wall_s"] = time.perf_counter() - t_start
+    report["args"] = vars(args)
+
+    print(f"\n{'model':<9} {'params':>8} {'val loss':>9} {'val ppl':>8} {'top1 agr':>9} {'KL(T||m)':>9} "
+          f"{'fwd tok/s':>10}")
+    for name in models:
+        r = report[name]
+        print(f"{name:<9} {r['params'] / 1e6:>7.2f}M {r['val_loss']:>9.4f} {r['val_ppl']:>8.2f} "
+              f"{r['top1_agreement']:>9.3f} {r['kl_from_teacher']:>9.4f} {r['fwd_tok_s']:>10,.0f}")
+    if report.get("gap_closed") is not None:
+        print(f"share of the teacher gap closed by distillation: {report['gap_closed']:.1%} "
+              f"(baseline - student) / (baseline - teacher) in val loss")
+
+    prompt = val_batches[0][0][:1, :16].to(args.device)  # the first 16 validation tokens
+    print(f"\nsamples (temperature 0.8, top-k 50) after the prompt {tok.decode(prompt[0].tolist())!r}:")
+    for name, model in models.items():
+        g = torch.Generator(device=args.device).manual_seed(args.seed)
+        ids = generate(model, prompt, args.sample_tokens, temperature=0.8, top_k=50, generator=g)
+        print(f"--- {name}: {tok.decode(ids[0, prompt.size(1):].tolist())!r}")
+
+    report_path = out_dir / "whitebox_report.json"
+    atomic_write_bytes(report_path, json.dumps(report, indent=2).encode())
+    print(f"\nreport -> {report_path} | wall time {report['wall_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    run_main(main)
