@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from model.common import ArgumentParser, UserError, atomic_write_bytes, pick_device, pick_dtype, run_main
-from model.data import eval_batches, load_corpus, tokenize_split
+from model.data import eval_batches, get_batch, load_corpus, tokenize_split
 from model.losses import (DIVERGENCES, attention_relation_loss, cross_entropy, hidden_loss, kd_loss,
                           layer_map)
 from model.model import ModelConfig, Transformer, generate
@@ -182,7 +182,10 @@ def main():
 
     # ------------------------------------------------------------------------------------------------------
     # distil, then the CE-only baseline from the same init on the same batches
-    student_s = train(student, kd_step, train_tokens, args, name="student", steps=args.steps, lr=args.lr,
+    def batch_fn(step):
+        return get_batch(train_tokens, step, args.batch_size, args.block_size, args.seed)
+
+    student_s = train(student, kd_step, batch_fn, args, name="student", steps=args.steps, lr=args.lr,
                       ckpt_path=out_dir / "student.pt", logger=logger, tokenizer_sha256=tok.sha256,
                       aux=projector if use_hidden else None,
                       eval_fn=lambda: evaluate(student, val_batches, args.device, args.dtype))
@@ -196,7 +199,7 @@ def main():
             loss = cross_entropy(baseline(x)["logits"], labels)
             return loss, {"loss": loss}
 
-        train_s["baseline"] = train(baseline, ce_step, train_tokens, args, name="baseline", steps=args.steps,
+        train_s["baseline"] = train(baseline, ce_step, batch_fn, args, name="baseline", steps=args.steps,
                                     lr=args.lr, ckpt_path=out_dir / "baseline.pt", logger=logger,
                                     tokenizer_sha256=tok.sha256,
                                     eval_fn=lambda: evaluate(baseline, val_batches, args.device, args.dtype))

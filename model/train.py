@@ -94,12 +94,13 @@ class Logger:
             f.write(json.dumps(record) + "\n")
 
 
-def train(model, loss_fn, tokens, args, *, name: str, steps: int, lr: float, ckpt_path, logger: Logger,
+def train(model, loss_fn, batch_fn, args, *, name: str, steps: int, lr: float, ckpt_path, logger: Logger,
           tokenizer_sha256: str, aux=None, eval_fn=None):
     """Train `model` (plus `aux`, e.g. a projection, if given) for `steps` optimizer steps.
 
-    loss_fn(x, labels) -> (loss, {part: tensor}) for one micro-batch. Each step's batch of
-    args.batch_size windows is split into args.grad_accum micro-batches; each micro-batch's mean loss is
+    batch_fn(step) -> (x, labels), each (B, T), gives the batch of a step (the same for the same step, so a
+    resumed run continues the same sequence). loss_fn(x, labels) -> (loss, {part: tensor}) for one
+    micro-batch; parts must include "loss". Each step's batch is split into args.grad_accum micro-batches; each micro-batch's mean loss is
     weighted by its share of the batch's real target positions, so the summed gradient equals the gradient
     of the whole batch's mean loss (a plain 1/grad_accum would weight padded micro-batches wrongly).
     With args.resume and an existing checkpoint, training continues from its step with its optimizer state.
@@ -116,14 +117,12 @@ def train(model, loss_fn, tokens, args, *, name: str, steps: int, lr: float, ckp
         start = ckpt["step"]
         print(f"[{name}] resumed from {ckpt_path} at step {start}")
     model.train()
-    tokens_per_step = args.batch_size * args.block_size
     sums, n_logged, t_log, t_start = {}, 0, time.perf_counter(), time.perf_counter()
     for step in range(start, steps):
         cur_lr = lr_at(step, steps, lr, args.warmup_steps, lr * args.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = cur_lr
-        x, labels = get_batch(tokens, step, args.batch_size, args.block_size, args.seed)
-        x, labels = x.to(args.device), labels.to(args.device)
+        x, labels = (t.to(args.device) for t in batch_fn(step))
         n_total = target_mask(labels).sum().clamp_min(1)
         for xm, lm in zip(x.chunk(args.grad_accum), labels.chunk(args.grad_accum)):
             with autocast(args.device, args.dtype):
@@ -139,6 +138,7 @@ def train(model, loss_fn, tokens, args, *, name: str, steps: int, lr: float, ckp
         if step % args.log_interval == 0 or last:
             figures = {k: (v / n_logged).item() for k, v in sums.items()}  # .item() syncs only here
             dt = (time.perf_counter() - t_log) / n_logged
+            tokens_per_step = x.numel()
             eta = (steps - step - 1) * (time.perf_counter() - t_start) / (step - start + 1)
             loss_parts = " ".join(f"{k} {v:.3f}" for k, v in figures.items() if k != "loss")
             line = (f"[{name}] step {step:05d}/{steps:05d} | loss {figures['loss']:.3f}"
@@ -231,7 +231,8 @@ def get_teacher(args, tok, train_tokens, logger: Logger) -> Transformer:
             loss = cross_entropy(teacher(x)["logits"], labels)
             return loss, {"loss": loss}
 
-        train(teacher, ce_only, train_tokens, args, name="teacher", steps=args.teacher_steps,
+        train(teacher, ce_only, lambda step: get_batch(train_tokens, step, args.batch_size, args.block_size,
+                                                       args.seed), args, name="teacher", steps=args.teacher_steps,
               lr=args.teacher_lr, ckpt_path=ckpt_tmp, logger=logger, tokenizer_sha256=tok.sha256)
         ckpt_tmp.rename(path)
     ckpt = load_checkpoint(path, "--teacher")
