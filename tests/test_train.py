@@ -1,0 +1,110 @@
+"""Training machinery: overfitting one batch, LR schedule, checkpoint round-trip and exact resume,
+clear errors for corrupt or mismatched checkpoints. Run: python -m pytest tests/test_train.py"""
+
+from argparse import Namespace
+
+import pytest
+import torch
+
+from model.common import UserError
+from model.data import get_batch
+from model.losses import cross_entropy
+from model.model import ModelConfig, Transformer
+from model.train import Logger, load_checkpoint, lr_at, model_from_checkpoint, train
+
+
+def tiny_model(vocab=512):
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(vocab_size=vocab, n_layer=1, n_embd=32, n_head=2, n_kv_head=1, max_seq_len=32))
+
+
+def loop_args(**kw):
+    base = dict(device="cpu", dtype="fp32", batch_size=4, grad_accum=1, block_size=16, seed=0, warmup_steps=2,
+                min_lr_ratio=0.1, weight_decay=0.0, grad_clip=1.0, log_interval=100, eval_interval=100,
+                ckpt_interval=100, resume=False)
+    return Namespace(**{**base, **kw})
+
+
+def test_overfitting_one_batch_drives_the_loss_down():
+    m = tiny_model(64)
+    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    first = cross_entropy(m(x)["logits"], x).item()
+    for _ in range(150):
+        loss = cross_entropy(m(x)["logits"], x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1 * first, f"one batch should be memorised: {first:.2f} -> {loss.item():.2f}"
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    lrs = [lr_at(s, 100, 1.0, 10, 0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])), "cosine phase must not increase"
+    assert lr_at(100, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
+
+
+def run(model, tokens, steps, ckpt, args, tmp_path):
+    def ce(x, labels):
+        loss = cross_entropy(model(x)["logits"], labels)
+        return loss, {"loss": loss}
+
+    batch_fn = lambda step: get_batch(tokens, step, args.batch_size, args.block_size, args.seed)  # noqa: E731
+    train(model, ce, batch_fn, args, name="t", steps=steps, lr=1e-2, ckpt_path=ckpt,
+          logger=Logger(tmp_path / "log.jsonl"), tokenizer_sha256="abc")
+
+
+def test_checkpoint_round_trip(tmp_path):
+    tokens = torch.randint(0, 512, (2000,), generator=torch.Generator().manual_seed(1)).numpy()
+    model = tiny_model()
+    run(model, tokens, 3, tmp_path / "m.pt", loop_args(), tmp_path)
+    ckpt = load_checkpoint(tmp_path / "m.pt", "--x")
+    assert ckpt["step"] == 3 and set(ckpt) >= {"model", "optimizer", "model_config", "args", "step"}
+    tok = Namespace(sha256="abc", vocab_size=512, path="tokenizer.model")
+    loaded = model_from_checkpoint(ckpt, tmp_path / "m.pt", "--x", tok)
+    x = torch.randint(0, 512, (2, 16))
+    assert torch.equal(loaded(x)["logits"], model(x)["logits"]), "a loaded model computes the same logits"
+
+
+def test_resume_continues_where_a_killed_run_stopped(tmp_path):
+    tokens = torch.randint(0, 512, (2000,), generator=torch.Generator().manual_seed(1)).numpy()
+    straight = tiny_model()
+    run(straight, tokens, 6, tmp_path / "a.pt", loop_args(), tmp_path)
+
+    class Killed(Exception):
+        pass
+
+    killed = tiny_model()
+
+    def ce_dies_at_step_4(x, labels, calls=[0]):
+        calls[0] += 1
+        if calls[0] == 5:
+            raise Killed
+        loss = cross_entropy(killed(x)["logits"], labels)
+        return loss, {"loss": loss}
+
+    args = loop_args(ckpt_interval=2)
+    with pytest.raises(Killed):
+        train(killed, ce_dies_at_step_4, lambda s: get_batch(tokens, s, 4, 16, 0), args, name="k", steps=6,
+              lr=1e-2, ckpt_path=tmp_path / "k.pt", logger=Logger(tmp_path / "log.jsonl"), tokenizer_sha256="abc")
+    assert load_checkpoint(tmp_path / "k.pt", "--x")["step"] == 4, "last checkpoint before the crash"
+    assert not list(tmp_path.glob(".k.pt*")), "no temporary file left behind"
+    resumed = tiny_model()
+    run(resumed, tokens, 6, tmp_path / "k.pt", loop_args(resume=True), tmp_path)
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), "resumed training must end at the same weights"
+
+
+def test_corrupt_and_mismatched_checkpoints_are_clear_errors(tmp_path, tok):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00garbage")
+    with pytest.raises(UserError, match="--teacher .*bad.pt: not a readable checkpoint"):
+        load_checkpoint(bad, "--teacher")
+    with pytest.raises(UserError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "missing.pt", "--teacher")
+    other = tiny_model(vocab=300)
+    ckpt = {"model": other.state_dict(), "model_config": other.config.to_dict(), "step": 0,
+            "tokenizer_sha256": "something else"}
+    with pytest.raises(UserError, match="another tokenizer"):
+        model_from_checkpoint(ckpt, tmp_path / "t.pt", "--teacher", tok)

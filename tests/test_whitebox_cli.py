@@ -1,0 +1,83 @@
+"""End-to-end runs of train_distill_whitebox.py as a user would type them, with tiny flags: the report it
+writes, reuse of the cached teacher, and one-line errors for bad input. Run:
+python -m pytest tests/test_whitebox_cli.py"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--n_chars", "60000", "--vocab_size", "320", "--teacher_layers", "2", "--teacher_dim", "32",
+        "--teacher_heads", "2", "--teacher_kv_heads", "1", "--teacher_steps", "4", "--n_layer", "1",
+        "--n_embd", "16", "--n_head", "2", "--n_kv_head", "1", "--steps", "4", "--batch_size", "4",
+        "--block_size", "32", "--eval_tokens", "256", "--sample_tokens", "4", "--log_interval", "2",
+        "--eval_interval", "2", "--device", "cpu"]
+
+
+def run(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "train_distill_whitebox.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=240)
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wb")
+    r = run(*TINY, "--out_dir", str(out), "--hidden_weight", "1", "--attn_weight", "1", "--attn_heads", "2")
+    assert r.returncode == 0, r.stderr
+    return out, r
+
+
+def test_default_flow_writes_the_report(first_run):
+    out, r = first_run
+    assert "pretraining one" in r.stdout, "a missing default teacher is pretrained, and the run says so"
+    report = json.loads((out / "whitebox_report.json").read_text())
+    for name in ("teacher", "student", "baseline"):
+        assert {"val_loss", "val_ppl", "top1_agreement", "kl_from_teacher", "params"} <= report[name].keys()
+    assert report["teacher"]["kl_from_teacher"] == pytest.approx(0.0, abs=1e-6)
+    assert "gap_closed" in report and report["wall_s"] > 0
+    assert (out / "teacher.pt").is_file() and (out / "student.pt").is_file() and (out / "tokenizer.model").is_file()
+    log = [json.loads(line) for line in (out / "whitebox_log.jsonl").read_text().splitlines()]
+    assert {"teacher", "student", "baseline"} <= {rec["run"] for rec in log}
+    assert any("hid" in rec and "attn" in rec for rec in log if rec["run"] == "student")
+    assert "share of the teacher gap closed" in r.stdout and "--- student:" in r.stdout
+
+
+def test_second_run_reuses_the_teacher(first_run):
+    out, _ = first_run
+    r = run(*TINY, "--out_dir", str(out), "--no_baseline", "--divergence", "jsd", "--init", "random")
+    assert r.returncode == 0, r.stderr
+    assert "pretraining" not in r.stdout
+    assert "baseline" not in json.loads((out / "whitebox_report.json").read_text())
+
+
+def one_line_error(r, *fragments):
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected a one-line error, got: {r.stderr}"
+    for f in fragments:
+        assert f in lines[0], f"{f!r} not in {lines[0]!r}"
+
+
+def test_bad_inputs_give_one_line_errors(first_run, tmp_path):
+    out, _ = first_run
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    one_line_error(run(*TINY, "--out_dir", str(tmp_path / "o1"), "--data", str(empty)), "empty.txt", "no text")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "fine"}\n{"text": oops}\n')
+    one_line_error(run(*TINY, "--out_dir", str(tmp_path / "o2"), "--data", str(broken)), "broken.jsonl:2")
+    one_line_error(run(*TINY, "--out_dir", str(out), "--teacher", str(tmp_path / "nope.pt")),
+                   "--teacher", "nope.pt")
+    # a teacher trained with another tokenizer: the one from the first run, against a fresh out_dir
+    one_line_error(run(*TINY, "--out_dir", str(tmp_path / "o3"), "--vocab_size", "340",
+                       "--teacher", str(out / "teacher.pt")), "another tokenizer")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"PK\x03\x04 not really")
+    one_line_error(run(*TINY, "--out_dir", str(out), "--teacher", str(corrupt)), "corrupt.pt")
+    one_line_error(run("--divergence", "kl"), "--divergence")
+    one_line_error(run("--steps", "0"), "--steps")
+    one_line_error(run("--no_such_flag"), "--no_such_flag")
