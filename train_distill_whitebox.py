@@ -11,6 +11,7 @@ same student with CE only as a baseline (same init, same batches, same steps), a
     python train_distill_whitebox.py
     python train_distill_whitebox.py --divergence reverse_kl --temperature 2 --hidden_weight 0
     python train_distill_whitebox.py --device cuda --dtype bf16 --data my_corpus.jsonl
+    python train_distill_whitebox.py --cache_teacher_topk 32     # offline KD from a top-32 teacher cache
 """
 
 import json
@@ -23,9 +24,10 @@ import torch.nn as nn
 from model.common import ArgumentParser, UserError, atomic_write_bytes, pick_device, pick_dtype, run_main
 from model.data import eval_batches, get_batch, load_corpus, tokenize_split
 from model.losses import (DIVERGENCES, attention_relation_loss, cross_entropy, hidden_loss, kd_loss,
-                          layer_map)
+                          layer_map, topk_kd_loss)
 from model.model import ModelConfig, Transformer, generate
 from model.tokenizer import get_tokenizer
+from model.topk_cache import get_cached_batch, get_topk_cache
 from model.train import Logger, add_teacher_args, evaluate, get_teacher, train
 
 
@@ -66,6 +68,13 @@ def parse_args():
                    help="lambda_a, weight of the MiniLM attention/value relation loss (last layer)")
     p.add_argument("--attn_heads", type=int, default=4, help="relation heads of the attention loss")
     p.add_argument("--no_baseline", action="store_true", help="skip the CE-only baseline student")
+    p.add_argument("--cache_teacher_topk", type=int, default=0,
+                   help="offline KD: cache the teacher's top-K log-probs of every train position once "
+                        "(out_dir/topk_kK), then train with no teacher in memory; 0 = online KD")
+    p.add_argument("--kd_chunk_size", type=int, default=0,
+                   help="compute the online KD loss this many positions at a time (less memory at large V); "
+                        "0 = all at once")
+    p.add_argument("--compile", action="store_true", help="torch.compile the student and teacher forwards")
     # optimization
     p.add_argument("--seed", type=int, default=1337, help="seed of the student init and the batch order")
     p.add_argument("--steps", type=int, default=500, help="student optimizer steps")
@@ -92,6 +101,8 @@ def parse_args():
         p.error(f"--batch_size {args.batch_size} must be a multiple of --grad_accum {args.grad_accum}")
     if not 0 <= args.alpha <= 1 or args.temperature <= 0 or not 0 <= args.jsd_beta <= 1:
         p.error("need 0 <= --alpha <= 1, --temperature > 0 and 0 <= --jsd_beta <= 1")
+    if args.cache_teacher_topk and (args.hidden_weight > 0 or args.attn_weight > 0):
+        p.error("--cache_teacher_topk caches logits only: it needs --hidden_weight 0 and --attn_weight 0")
     return args
 
 
@@ -160,14 +171,25 @@ def main():
                         f"({args.n_embd}, {teacher.config.n_embd})")
     print(f"teacher {teacher.num_params() / 1e6:.2f}M params | student {student.num_params() / 1e6:.2f}M params "
           f"| layer map {pairs if use_hidden else 'unused'}")
+    if args.cache_teacher_topk:  # offline KD: the teacher runs once, then leaves memory until the report
+        teacher_path = args.teacher or out_dir / "teacher.pt"
+        cache = get_topk_cache(args, teacher, train_tokens, teacher_path, tok.sha256)
+        teacher.to("meta")  # frees the weights; the config stays
 
-    def kd_step(x, labels):
-        with torch.no_grad():
-            t_out = teacher(x, output_hidden_states=use_hidden, attn_layer=-1 if use_attn else None)
-        s_out = student(x, output_hidden_states=use_hidden, attn_layer=-1 if use_attn else None)
+    # torch.compile wraps the modules; training and checkpoints keep using the plain ones (same weights).
+    student_fwd, teacher_fwd = (torch.compile(student), torch.compile(teacher)) if args.compile else (student, teacher)
+
+    def kd_step(x, labels, *cached):
+        s_out = student_fwd(x, output_hidden_states=use_hidden, attn_layer=-1 if use_attn else None)
         ce = cross_entropy(s_out["logits"], labels)
-        kd = kd_loss(s_out["logits"], t_out["logits"], labels, args.divergence, args.temperature,
-                     args.jsd_beta, args.skew)
+        if cached:  # offline: the (ids, logp, tail) cache rows of these windows stand in for the teacher
+            kd = topk_kd_loss(s_out["logits"], *cached, labels, args.divergence, args.temperature,
+                              args.jsd_beta, args.skew)
+        else:  # inference_mode: no autograd bookkeeping and no kept activations for the frozen teacher
+            with torch.inference_mode():
+                t_out = teacher_fwd(x, output_hidden_states=use_hidden, attn_layer=-1 if use_attn else None)
+            kd = kd_loss(s_out["logits"], t_out["logits"], labels, args.divergence, args.temperature,
+                         args.jsd_beta, args.skew, args.kd_chunk_size)
         loss = args.alpha * ce + (1 - args.alpha) * kd
         parts = {"ce": ce, "kd": kd}
         if use_hidden:
@@ -183,6 +205,8 @@ def main():
     # ------------------------------------------------------------------------------------------------------
     # distil, then the CE-only baseline from the same init on the same batches
     def batch_fn(step):
+        if args.cache_teacher_topk:
+            return get_cached_batch(train_tokens, cache, step, args.batch_size, args.block_size, args.seed)
         return get_batch(train_tokens, step, args.batch_size, args.block_size, args.seed)
 
     student_s = train(student, kd_step, batch_fn, args, name="student", steps=args.steps, lr=args.lr,
@@ -195,8 +219,10 @@ def main():
         baseline = Transformer(student.config).to(args.device)
         baseline.load_state_dict(init_state)
 
-        def ce_step(x, labels):
-            loss = cross_entropy(baseline(x)["logits"], labels)
+        baseline_fwd = torch.compile(baseline) if args.compile else baseline
+
+        def ce_step(x, labels, *_):  # ignores the cache rows of an offline run
+            loss = cross_entropy(baseline_fwd(x)["logits"], labels)
             return loss, {"loss": loss}
 
         train_s["baseline"] = train(baseline, ce_step, batch_fn, args, name="baseline", steps=args.steps,
@@ -207,6 +233,8 @@ def main():
 
     # ------------------------------------------------------------------------------------------------------
     # evaluate: the same validation windows for all three
+    if args.cache_teacher_topk:  # back from the checkpoint, for the comparison
+        teacher = models["teacher"] = get_teacher(args, tok, train_tokens, logger)
     report = {}
     for name, model in models.items():
         report[name] = evaluate(model, val_batches, args.device, args.dtype, teacher=teacher)

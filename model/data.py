@@ -107,11 +107,16 @@ def tokenize_split(docs, tok, block_size: int, val_fraction: float):
     return tokens[:-n_val], tokens[-n_val:]
 
 
+def window_starts(n_tokens: int, step: int, batch_size: int, block_size: int, seed: int) -> np.ndarray:
+    """The (B,) start offsets of step's batch windows, the same for the same (seed, step)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.randint(0, n_tokens - block_size, (batch_size,), generator=g).numpy()
+
+
 def get_batch(tokens: np.ndarray, step: int, batch_size: int, block_size: int, seed: int):
     """B random windows of T tokens, the same for the same (seed, step). Returns (input_ids, labels),
     each (B, T); labels equal the inputs because the losses shift them (see model/losses.py)."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    starts = torch.randint(0, len(tokens) - block_size, (batch_size,), generator=g).numpy()
+    starts = window_starts(len(tokens), step, batch_size, block_size, seed)
     x = torch.from_numpy(np.stack([tokens[s:s + block_size] for s in starts]).astype(np.int64))  # (B, T)
     return x, x.clone()
 

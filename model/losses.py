@@ -13,11 +13,14 @@ Conventions shared by every function here:
   the small probabilities that soft targets are all about.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tv", "skew_kl")
+EMPTY = -1e4  # log-prob of an empty bucket in topk_kd_loss: exp(EMPTY) is exactly 0 in fp32
 
 
 def target_mask(labels):
@@ -31,6 +34,16 @@ def cross_entropy(logits, labels):
     n = (targets != IGNORE_INDEX).sum().clamp_min(1)
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
                            ignore_index=IGNORE_INDEX, reduction="sum") / n
+
+
+def log_mix(t_logp, s_logp, w: float):
+    """log(w p + (1-w) q) from log-probs, by logaddexp: finite wherever either log-prob is, even where
+    both probabilities underflow to 0 in fp32 (a plain log(w p + (1-w) q) would give -inf, then 0 * inf)."""
+    if w == 0.0:
+        return s_logp
+    if w == 1.0:
+        return t_logp
+    return torch.logaddexp(t_logp + math.log(w), s_logp + math.log(1 - w))
 
 
 def divergence(t_logp, s_logp, kind: str, beta: float = 0.5, skew: float = 0.1):
@@ -54,30 +67,97 @@ def divergence(t_logp, s_logp, kind: str, beta: float = 0.5, skew: float = 0.1):
     if kind == "reverse_kl" or (kind == "jsd" and beta == 1.0):
         return (q * (s_logp - t_logp)).sum(-1)
     if kind == "jsd":
-        m_logp = torch.logsumexp(torch.stack([t_logp + torch.log(torch.tensor(beta)),
-                                              s_logp + torch.log(torch.tensor(1 - beta))]), dim=0)
+        m_logp = log_mix(t_logp, s_logp, beta)
         kl_pm = (p * (t_logp - m_logp)).sum(-1)
         kl_qm = (q * (s_logp - m_logp)).sum(-1)
         return (beta * kl_pm + (1 - beta) * kl_qm) / (beta * (1 - beta))
     if kind == "tv":
         return 0.5 * (p - q).abs().sum(-1)
     if kind == "skew_kl":
-        m_logp = torch.log(skew * p + (1 - skew) * q)
+        m_logp = log_mix(t_logp, s_logp, skew)
         return (p * (t_logp - m_logp)).sum(-1)
     raise ValueError(f"unknown divergence {kind!r}; choose from {', '.join(DIVERGENCES)}")
 
 
 def kd_loss(student_logits, teacher_logits, labels, kind: str = "forward_kl", temperature: float = 1.0,
-            beta: float = 0.5, skew: float = 0.1):
+            beta: float = 0.5, skew: float = 0.1, chunk_size: int = 0):
     """Soft-target loss of Hinton et al. (2015):  T^2 * 1/N sum_t D( softmax(z_T/T) || softmax(z_S/T) ).
     Why T^2: the gradient of D with respect to the student logits scales as 1/T^2 when both
     distributions are softened by T, so multiplying by T^2 keeps the soft loss's pull on the student
     comparable to the CE term's as T changes (and alpha means the same thing at any T).
-    Logits (B, T, V) are shifted like CE and averaged over the N real target positions."""
+    Logits (B, T, V) are shifted like CE and averaged over the N real target positions.
+    chunk_size > 0 computes the same loss chunk_size positions at a time (see ChunkedKD)."""
+    if chunk_size > 0 and student_logits.requires_grad:
+        return ChunkedKD.apply(student_logits, teacher_logits, labels, kind, temperature, beta, skew, chunk_size)
     mask = target_mask(labels)                                                       # (B, T-1)
     s = student_logits[:, :-1][mask].float() / temperature                           # (N, V)
     t = teacher_logits[:, :-1][mask].float() / temperature                           # (N, V)
     d = divergence(t.log_softmax(-1), s.log_softmax(-1), kind, beta, skew)           # (N,)
+    return temperature ** 2 * d.sum() / mask.sum().clamp_min(1)
+
+
+class ChunkedKD(torch.autograd.Function):
+    """kd_loss, computed chunk_size positions at a time, with its gradient.
+    Why: the dense loss keeps several fp32 (N, V) tensors alive at once (the shifted copies, both
+    log-softmaxes, p, and what autograd saves for the backward), which at V = 32k dominates the memory of
+    a small student's step. Chunking the forward alone would not help: autograd would keep every chunk's
+    graph until the backward. So the forward also takes each chunk's gradient with respect to the student
+    logits right away (autograd on that chunk only) and keeps just that gradient, (B, T, V) in the
+    logits' dtype, which the backward returns. Extra memory: that gradient (which the backward would
+    create anyway) plus one chunk's temporaries. Works for every divergence; loss and gradient equal the
+    dense ones up to float rounding."""
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, labels, kind, temperature, beta, skew, chunk_size):
+        B, T, V = student_logits.shape
+        real = torch.zeros(B, T, dtype=torch.bool, device=labels.device)
+        real[:, :-1] = target_mask(labels)  # the last position has no next token
+        rows = real.flatten().nonzero().squeeze(1)                                   # (N,) into B*T
+        n = max(rows.numel(), 1)
+        s_all, t_all = student_logits.reshape(B * T, V), teacher_logits.reshape(B * T, V)  # views
+        grad = torch.zeros_like(s_all)                                                # (B*T, V)
+        total = torch.zeros((), dtype=torch.float32, device=student_logits.device)
+        for idx in rows.split(chunk_size):
+            with torch.enable_grad():
+                s = s_all[idx].float().requires_grad_()                              # (chunk, V)
+                t_logp = (t_all[idx].float() / temperature).log_softmax(-1)
+                d = divergence(t_logp, (s / temperature).log_softmax(-1), kind, beta, skew).sum()
+                (g,) = torch.autograd.grad(d, s)
+            grad[idx] = (g * (temperature ** 2 / n)).to(grad.dtype)
+            total += d.detach()
+        ctx.save_for_backward(grad)
+        ctx.logits_shape = student_logits.shape
+        return total * (temperature ** 2 / n)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        # In place: without retain_graph a backward runs once, so the saved gradient can be reused, which
+        # saves another (B, T, V).
+        return (grad.mul_(grad_out).view(ctx.logits_shape),) + (None,) * 7
+
+
+def topk_kd_loss(student_logits, teacher_ids, teacher_logp, teacher_tail_logp, labels, kind: str = "forward_kl",
+                 temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1):
+    """KD against a cached top-k teacher (offline distillation, model/topk_cache.py). The teacher keeps
+    only its k likeliest next tokens i_1..i_k and one tail bucket for the rest of its mass; the student's
+    distribution is collapsed onto the same k + 1 buckets:
+        p~ = (p_i1, ..., p_ik, 1 - sum_j p_ij)      q~ = (q_i1, ..., q_ik, 1 - sum_j q_ij)
+        loss = T^2 * 1/N sum_t D(p~ || q~)
+    With k = V the tail buckets are empty and this is kd_loss exactly. teacher_ids (B, T, k) integer,
+    teacher_logp (B, T, k) log-probs at temperature T, teacher_tail_logp (B, T) log of the tail mass
+    (-inf when empty); all aligned with the logits (row t predicts token t+1), shifted here like kd_loss."""
+    mask = target_mask(labels)                                                       # (B, T-1)
+    s_logp = (student_logits[:, :-1][mask].float() / temperature).log_softmax(-1)    # (N, V)
+    ids = teacher_ids[:, :-1][mask].long()                                           # (N, k)
+    # An empty bucket gets log-prob EMPTY, not -inf: its p or q is then exactly 0 and every divergence
+    # term 0 * (finite) = 0, where -inf would give 0 * inf = nan in the loss or its gradient.
+    s_tail = s_logp.scatter(-1, ids, EMPTY).logsumexp(-1)                            # (N,) mass off the top-k
+    s_b = torch.cat([s_logp.gather(-1, ids), s_tail[:, None]], -1)                   # (N, k+1)
+    t_b = torch.cat([teacher_logp[:, :-1][mask].float(),
+                     teacher_tail_logp[:, :-1][mask].float().clamp_min(EMPTY)[:, None]], -1)
+    t_b = t_b - t_b.logsumexp(-1, keepdim=True)  # renormalise: the cache stores fp16 log-probs
+    d = divergence(t_b, s_b, kind, beta, skew)                                       # (N,)
     return temperature ** 2 * d.sum() / mask.sum().clamp_min(1)
 
 

@@ -98,8 +98,9 @@ def train(model, loss_fn, batch_fn, args, *, name: str, steps: int, lr: float, c
           tokenizer_sha256: str, aux=None, eval_fn=None):
     """Train `model` (plus `aux`, e.g. a projection, if given) for `steps` optimizer steps.
 
-    batch_fn(step) -> (x, labels), each (B, T), gives the batch of a step (the same for the same step, so a
-    resumed run continues the same sequence). loss_fn(x, labels) -> (loss, {part: tensor}) for one
+    batch_fn(step) -> (x, labels, *extra), each (B, T, ...), gives the batch of a step (the same for the
+    same step, so a resumed run continues the same sequence); extra tensors (e.g. cached teacher top-k rows)
+    are split into micro-batches with x. loss_fn(x, labels, *extra) -> (loss, {part: tensor}) for one
     micro-batch; parts must include "loss". Each step's batch is split into args.grad_accum micro-batches; each micro-batch's mean loss is
     weighted by its share of the batch's real target positions, so the summed gradient equals the gradient
     of the whole batch's mean loss (a plain 1/grad_accum would weight padded micro-batches wrongly).
@@ -122,11 +123,12 @@ def train(model, loss_fn, batch_fn, args, *, name: str, steps: int, lr: float, c
         cur_lr = lr_at(step, steps, lr, args.warmup_steps, lr * args.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = cur_lr
-        x, labels = (t.to(args.device) for t in batch_fn(step))
+        batch = [t.to(args.device) for t in batch_fn(step)]  # x, labels, then any per-position extras
+        x, labels = batch[0], batch[1]
         n_total = target_mask(labels).sum().clamp_min(1)
-        for xm, lm in zip(x.chunk(args.grad_accum), labels.chunk(args.grad_accum)):
+        for xm, lm, *extra in zip(*(t.chunk(args.grad_accum) for t in batch)):
             with autocast(args.device, args.dtype):
-                loss, parts = loss_fn(xm, lm)
+                loss, parts = loss_fn(xm, lm, *extra)
             (loss * target_mask(lm).sum() / n_total).backward()
             for k, v in parts.items():  # detached running sums: no host sync until a log step
                 sums[k] = sums.get(k, 0.0) + v.detach() * target_mask(lm).sum() / n_total

@@ -1,0 +1,135 @@
+"""The fast paths and offline distillation: the chunked KD loss equals the dense one, the top-k loss with
+k = V equals the dense one, the top-k cache round-trips, and the script trains from a cache.
+Run: python -m pytest tests/test_perf.py"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.losses import DIVERGENCES, IGNORE_INDEX, kd_loss, topk_kd_loss
+from model.model import ModelConfig, Transformer
+from model.topk_cache import (build_cache, covering_windows, get_cached_batch, open_cache, reconstruction_kl,
+                              teacher_topk)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def logits_batch(B=3, T=10, V=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(B, T, V, generator=g) * 2).requires_grad_()
+    t = torch.randn(B, T, V, generator=g) * 3
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, 6:] = IGNORE_INDEX  # padding: the chunks must skip it like the dense loss does
+    return s, t, labels
+
+
+def loss_and_grad(fn, s):
+    loss = fn(s)
+    (grad,) = torch.autograd.grad(loss, s)
+    return loss.detach(), grad
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+def test_chunked_kd_equals_dense_loss_and_gradient(kind):
+    s, t, labels = logits_batch()
+    dense = loss_and_grad(lambda s: kd_loss(s, t, labels, kind, temperature=2.0), s)
+    for chunk in (1, 7, 1000):  # one position at a time, uneven chunks, one chunk for everything
+        chunked = loss_and_grad(lambda s: kd_loss(s, t, labels, kind, temperature=2.0, chunk_size=chunk), s)
+        assert torch.allclose(chunked[0], dense[0], atol=1e-6), f"{kind} chunk {chunk}: loss differs"
+        assert torch.allclose(chunked[1], dense[1], atol=1e-7), f"{kind} chunk {chunk}: gradient differs"
+
+
+def full_topk(t, temperature):
+    """A 'cache' that keeps every token: ids in descending order, their log-probs, an empty tail."""
+    logp = (t / temperature).log_softmax(-1)
+    ids = logp.argsort(-1, descending=True)
+    return ids, logp.gather(-1, ids), torch.full(t.shape[:-1], -torch.inf)
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+def test_topk_loss_with_k_equal_to_v_is_the_dense_loss(kind):
+    s, t, labels = logits_batch()
+    dense = loss_and_grad(lambda s: kd_loss(s, t, labels, kind, temperature=2.0), s)
+    cached = full_topk(t, 2.0)
+    topk = loss_and_grad(lambda s: topk_kd_loss(s, *cached, labels, kind, temperature=2.0), s)
+    assert torch.allclose(topk[0], dense[0], atol=1e-5), f"{kind}: k = V must be the dense loss"
+    assert torch.allclose(topk[1], dense[1], atol=1e-7), f"{kind}: and the dense gradient"
+
+
+def test_topk_loss_is_zero_for_the_teacher_itself_and_positive_otherwise():
+    s, t, labels = logits_batch()
+    ids, logp, _ = full_topk(t, 1.0)
+    k = 5
+    tail = logp[..., k:].logsumexp(-1)  # what build_cache stores for a top-5 cache
+    cached = (ids[..., :k], logp[..., :k], tail)
+    assert topk_kd_loss(t, *cached, labels).abs() < 1e-5, "a student equal to the teacher has KL 0"
+    assert topk_kd_loss(s, *cached, labels) > 0.01
+    # Collapsing onto k+1 buckets can only lose information: the bucketed KL is at most the dense one.
+    assert topk_kd_loss(s, *cached, labels) <= kd_loss(s, t, labels) + 1e-6
+
+
+def test_reconstruction_kl_falls_with_k():
+    _, t, _ = logits_batch(V=64)
+    kls = [reconstruction_kl(t, k) for k in (1, 8, 32, 64)]
+    assert all(a > b for a, b in zip(kls, kls[1:])), f"a larger k keeps more of the teacher: {kls}"
+    assert abs(kls[-1]) < 1e-3, "k = V keeps everything but fp16 rounding"
+
+
+def test_covering_windows_keep_every_position_once_with_half_a_window_of_context():
+    for n, block in ((100, 16), (64, 16), (17, 16), (1000, 128)):
+        kept = []
+        for s, keep in covering_windows(n, block):
+            assert s + block <= n
+            kept.extend(range(keep, s + block))
+            assert keep == 0 or keep - s >= block // 2, "each kept row sees at least half a window"
+        assert kept == list(range(n)), f"n={n} block={block}: every position exactly once, in order"
+
+
+def test_cache_round_trip(tmp_path):
+    torch.manual_seed(0)
+    teacher = Transformer(ModelConfig(vocab_size=48, n_layer=1, n_embd=16, n_head=2, n_kv_head=1,
+                                      max_seq_len=16)).eval()
+    tokens = np.random.default_rng(0).integers(0, 48, 203).astype(np.int32)
+    k, block = 6, 16
+    build_cache(tmp_path / "c", teacher, tokens, k, 1.5, block, 4, "cpu", "fp32", {"k": k})
+    assert json.loads((tmp_path / "c" / "meta.json").read_text()) == {"k": k}
+    assert [p.name for p in tmp_path.iterdir()] == ["c"], "no temporary files left behind"
+    cache = open_cache(tmp_path / "c")
+    assert cache["ids"].dtype == np.uint16 and cache["logp"].dtype == np.float16
+    assert cache["ids"].shape == (203, k) and cache["tail"].shape == (203,)
+    # Each row equals the teacher's top-k at that position in the window that covered it.
+    for s, keep in covering_windows(len(tokens), block):
+        x = torch.from_numpy(tokens[s:s + block].astype(np.int64))[None]
+        ids, logp, tail = (a[0, keep - s:].numpy() for a in teacher_topk(teacher, x, k, 1.5))
+        assert (cache["ids"][keep:s + block] == ids).all()
+        assert np.allclose(cache["logp"][keep:s + block], logp, atol=1e-2), "fp16 log-probs"
+        assert np.allclose(cache["tail"][keep:s + block], tail, atol=1e-6)
+    # A cached batch reads the rows of the same windows as get_batch.
+    x, labels, ids, logp, tail = get_cached_batch(tokens, cache, step=3, batch_size=2, block_size=block, seed=7)
+    for row in range(2):
+        start = int(np.flatnonzero(np.all(np.lib.stride_tricks.sliding_window_view(tokens, block)
+                                          == x[row].numpy(), axis=1))[0])
+        assert (ids[row].numpy() == cache["ids"][start:start + block]).all()
+        assert (tail[row].numpy() == cache["tail"][start:start + block]).all()
+
+
+def test_script_trains_a_student_from_a_topk_cache(tmp_path):
+    flags = ["--out_dir", str(tmp_path), "--n_chars", "40000", "--vocab_size", "400", "--teacher_steps", "3",
+             "--teacher_layers", "1", "--teacher_dim", "32", "--n_layer", "1", "--n_embd", "16", "--n_head", "2",
+             "--n_kv_head", "1", "--steps", "3", "--batch_size", "4", "--block_size", "32", "--eval_tokens", "256",
+             "--sample_tokens", "2", "--no_baseline", "--cache_teacher_topk", "8"]
+    run = subprocess.run([sys.executable, "train_distill_whitebox.py", *flags], capture_output=True, text=True,
+                         timeout=240, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "top-8 teacher cache: running the teacher" in run.stdout
+    assert (tmp_path / "topk_k8" / "ids.npy").is_file() and (tmp_path / "student.pt").is_file()
+    report = json.loads((tmp_path / "whitebox_report.json").read_text())
+    assert report["student"]["val_loss"] > 0 and report["teacher"]["top1_agreement"] == 1.0
+    rerun = subprocess.run([sys.executable, "train_distill_whitebox.py", *flags, "--steps", "1"],
+                           capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert rerun.returncode == 0 and "top-8 teacher cache: reusing" in rerun.stdout, rerun.stderr[-2000:]
