@@ -40,12 +40,12 @@ from model.world import default_corpus
 
 # The default pair is train_distill_whitebox.py's defaults (student --n_layer 2 --n_embd 128 --n_head 4
 # --n_kv_head 2; teacher --teacher_layers 4 --teacher_dim 256 --teacher_heads 4 --teacher_kv_heads 2;
-# --vocab_size 2048 --batch_size 32 --block_size 128): keep them in step with that script.
+# --vocab_size 2048 --batch_size 16 --block_size 128): keep them in step with that script.
 # The GPU-sized pair has a 40M teacher and an 11M student at a 32k vocabulary.
 PAIRS = {
     "default": dict(teacher=dict(n_layer=4, n_embd=256, n_head=4, n_kv_head=2),
                     student=dict(n_layer=2, n_embd=128, n_head=4, n_kv_head=2), vocab_size=2048,
-                    batch_size=32, block_size=128),
+                    batch_size=16, block_size=128),
     "gpu-sized": dict(teacher=dict(n_layer=8, n_embd=512, n_head=8, n_kv_head=4),
                       student=dict(n_layer=4, n_embd=256, n_head=4, n_kv_head=2), vocab_size=32768,
                       batch_size=16, block_size=256),
@@ -212,7 +212,7 @@ def plan(device: str, dtype: str, with_compile: bool):
     """(row name, spec) for every measurement. On CPU the GPU-sized pair and the bf16 rows run few steps
     on smaller batches, or the benchmark would take an hour."""
     cpu = device == "cpu"
-    d = dict(pair="default", device=device, dtype=dtype, batch_size=32, warmup=2, steps=4 if cpu else 20)
+    d = dict(pair="default", device=device, dtype=dtype, batch_size=16, warmup=2, steps=4 if cpu else 20)
     rows = [("ce", dict(d, kind="ce")), ("teacher_fwd", dict(d, kind="teacher_fwd")),
             ("kd (logits+hidden)", dict(d, kind="kd")), ("kd (logits)", dict(d, kind="kd_logits")),
             (f"offline top-{TOPK}", dict(d, kind="offline")),
