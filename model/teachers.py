@@ -9,6 +9,9 @@ A black-box teacher is only text: prompts in, answers out. This file has
   expensive part: a run killed mid-way loses at most the record in flight, and a rerun skips prompts that
   already have their answers.
 
+- load_teacher_data: conversations another model already produced, read as they are from minimind SFT
+  JSONL, a ShareGPT-like export or OpenAI-style {"messages": [...]}.
+
 The local teacher (a checkpoint sampled with model.model.generate) lives in the training script; the
 other two sources are here.
 """
@@ -19,6 +22,7 @@ from collections import Counter
 from pathlib import Path
 
 from model.common import UserError
+from model.data import read_jsonl
 
 
 def cache_record(path, lineno: int, obj) -> tuple[str, dict]:
@@ -103,3 +107,79 @@ class AnswerCache:
 
     def __len__(self):
         return len(self._records)
+
+
+# ----------------------------------------------------------------------------
+# Answers another model already produced (--teacher_data)
+
+# ShareGPT speaker names -> chat roles. Exports differ: some say human/gpt, some user/assistant.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "system": "system"}
+
+
+def split_think(content: str, reasoning: str | None = None) -> tuple[str, str | None]:
+    """Move a leading <think>...</think> block out of an answer into the reasoning, as minimind's r1 data
+    and some servers (e.g. Ollama with reasoning models) inline it. chat_text() puts it back as
+    <think>\nREASONING\n</think>\nANSWER, so the text the student trains on is the same either way."""
+    stripped = content.lstrip()
+    if stripped.startswith("<think>") and "</think>" in stripped:
+        inline, _, content = stripped[len("<think>"):].partition("</think>")
+        reasoning = reasoning or inline.strip()
+    return content.strip(), reasoning or None
+
+
+def message_text(path, lineno: int, content) -> str:
+    """A message's text: a string, or OpenAI's list of {"type": "text", "text": ...} parts."""
+    if isinstance(content, list) and all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise UserError(f"{path}:{lineno}: a message's content must be a string, got {type(content).__name__}")
+    return content
+
+
+def normalise_conversation(path, lineno: int, obj: dict) -> list[dict]:
+    """One JSONL record (any supported format) -> [{"role", "content", "reasoning_content"?}, ...]."""
+    turns = obj.get("conversations", obj.get("messages"))
+    if not isinstance(turns, list) or not turns or not all(isinstance(m, dict) for m in turns):
+        raise UserError(f'{path}:{lineno}: expected a non-empty "conversations" or "messages" list of objects')
+    conv = []
+    for m in turns:
+        if "from" in m:  # ShareGPT
+            role, content = SHAREGPT_ROLES.get(m["from"]), m.get("value")
+            if role is None:
+                raise UserError(f'{path}:{lineno}: unknown ShareGPT speaker "from": {m["from"]!r} '
+                                f"(expected one of {', '.join(SHAREGPT_ROLES)})")
+        else:            # minimind SFT / OpenAI messages
+            role, content = m.get("role"), m.get("content")
+            if not isinstance(role, str) or not role:
+                raise UserError(f'{path}:{lineno}: each message needs a string "role" (or ShareGPT "from")')
+        reasoning = m.get("reasoning_content", m.get("reasoning"))
+        msg = {"role": role, "content": message_text(path, lineno, content)}
+        if role == "assistant":
+            msg["content"], reasoning = split_think(msg["content"],
+                                                    reasoning if isinstance(reasoning, str) else None)
+            if reasoning:
+                msg["reasoning_content"] = reasoning
+        conv.append(msg)
+    if not any(a["role"] == "user" and b["role"] == "assistant" for a, b in zip(conv, conv[1:])):
+        raise UserError(f"{path}:{lineno}: no user turn followed by an assistant turn (nothing to learn from)")
+    return conv
+
+
+def load_teacher_data(path) -> list[list[dict]]:
+    """Conversations from a JSONL file of teacher answers, normalised to
+    [{"role": "user"|"assistant"|"system", "content": str, "reasoning_content"?: str}, ...] per record
+    (other roles, e.g. minimind's "tool", are kept as they are; the chat template renders any role).
+    Formats: minimind SFT {"conversations": [{"role", "content", "reasoning_content"?}]}, ShareGPT
+    {"conversations": [{"from": "human"|"gpt"|"system", "value"}]}, OpenAI-style {"messages": [...]}.
+    Any bad line is a UserError naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--teacher_data {path}: no such file")
+    try:
+        rows = read_jsonl(path)
+    except UnicodeDecodeError as e:
+        raise UserError(f"--teacher_data {path}: not UTF-8 text (byte {e.start})") from None
+    if not rows:
+        raise UserError(f"--teacher_data {path}: the file is empty")
+    return [normalise_conversation(path, i, obj) for i, obj in rows]
