@@ -28,12 +28,18 @@ def target_mask(labels):
     return labels[:, 1:] != IGNORE_INDEX
 
 
-def cross_entropy(logits, labels):
-    """Next-token cross-entropy, -1/N sum_t log p(y_{t+1} | y_<=t), over the N real target positions."""
+def cross_entropy(logits, labels, weights=None):
+    """Next-token cross-entropy, -1/N sum_t w_t log p(y_{t+1} | y_<=t), over the N real target positions.
+    weights (B, T), aligned with labels like the labels are (w_t weighs the target token t+1), default 1.
+    The sum is divided by N, not by sum w_t, so an up-weighted token counts w times and a batch split into
+    micro-batches weighted by their share of real positions still gives the whole batch's loss."""
     logits, targets = logits[:, :-1], labels[:, 1:]                                  # (B, T-1, V), (B, T-1)
     n = (targets != IGNORE_INDEX).sum().clamp_min(1)
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
-                           ignore_index=IGNORE_INDEX, reduction="sum") / n
+    per_pos = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                              ignore_index=IGNORE_INDEX, reduction="none")           # (B*(T-1),), 0 if ignored
+    if weights is not None:
+        per_pos = per_pos * weights[:, 1:].flatten().float()
+    return per_pos.sum() / n
 
 
 def log_mix(t_logp, s_logp, w: float):
