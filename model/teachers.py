@@ -8,7 +8,6 @@ A black-box teacher is only text: prompts in, answers out. This file has
   Each record is written as one whole line, flushed and fsynced as it arrives, because generation is the
   expensive part: a run killed mid-way loses at most the record in flight, and a rerun skips prompts that
   already have their answers.
-
 - api_answers: answers from any OpenAI-compatible /v1/chat/completions server (Ollama, vLLM, llama.cpp
   server, a hosted API) through urllib, with bounded concurrency, a timeout per request, and retries with
   exponential backoff on 429/5xx/timeouts. The key comes from OPENAI_API_KEY and is only ever sent in the
