@@ -1,0 +1,167 @@
+"""SFT on teacher text (model/sft.py): the chat encoding and its loss mask, the <think> tags as single
+tokens and the span weights, the weighted CE, batched local answers into the cache, exact-match scoring.
+Run: python -m pytest tests/test_sft.py"""
+
+import json
+
+import pytest
+import torch
+
+from model.data import chat_text
+from model.losses import IGNORE_INDEX, cross_entropy
+from model.model import ModelConfig, Transformer
+from model.sft import (encode_chat, encode_prompt, exact_match, generate_answers, local_answers, normalize,
+                       read_prompts, sft_batch, span_weights, split_reasoning)
+from model.teachers import AnswerCache
+from model.tokenizer import SPECIAL_TOKENS
+
+
+def conv(question, answer, reasoning=None, system=None):
+    msgs = [{"role": "system", "content": system}] if system else []
+    msgs.append({"role": "user", "content": question})
+    msgs.append({"role": "assistant", "content": answer, **({"reasoning_content": reasoning} if reasoning else {})})
+    return msgs
+
+
+def test_special_tags_are_single_token_ids(tok):
+    for tag in SPECIAL_TOKENS:
+        ids = tok.encode(f"x{tag}y")
+        assert tok.special[tag] in ids, f"{tag} should encode as its own id inside text"
+        assert len(tok.encode(tag)) == 1, f"{tag} should be one token, got {tok.encode(tag)}"
+    assert len(set(tok.special.values())) == 4
+
+
+def test_encoding_is_the_chat_template_and_masks_exactly_the_assistant_content(tok):
+    msgs = conv("Where does Mia live?", "Mia lives in Greenhill.", system="Be brief.")
+    ids, mask = encode_chat(tok, msgs)
+    assert tok.decode(ids) == chat_text(msgs), "the ids must spell the template exactly"
+    learned = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert learned == "Mia lives in Greenhill.<|im_end|>", "loss on the answer and its <|im_end|> only"
+    # the prompt a model sees at inference time is exactly the unmasked prefix
+    prompt = encode_prompt(tok, "Where does Mia live?")
+    ids2, mask2 = encode_chat(tok, msgs[1:])
+    assert ids2[:len(prompt)] == prompt and not any(mask2[:len(prompt)]) and mask2[len(prompt)] == 1
+
+
+def test_multi_turn_masks_every_assistant_turn(tok):
+    msgs = conv("Hi?", "Hello.") + conv("Who is Tom's best friend?", "Tom's best friend is Mia.")
+    ids, mask = encode_chat(tok, msgs)
+    learned = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert learned == "Hello.<|im_end|>Tom's best friend is Mia.<|im_end|>"
+
+
+def test_batch_mask_is_per_example_with_variable_length_prompts(tok):
+    convs = [conv("Hi?", "Yes."),
+             conv("What is the name of the pet that Mia's best friend has, and where does it sleep at night?",
+                  "It is called Biscuit and it sleeps in a basket."),
+             conv("Where?", "Here, in Greenhill, next to the old well.")]
+    examples = [encode_chat(tok, c) for c in convs]
+    x, labels, weights = sft_batch(examples, tok)
+    assert x.shape == labels.shape == weights.shape == (3, max(len(ids) for ids, _ in examples))
+    for b, (c, (ids, mask)) in enumerate(zip(convs, examples)):
+        n = len(ids)
+        assert x[b, :n].tolist() == ids and (x[b, n:] == tok.pad_id).all(), "right-padded with pad_id"
+        assert (labels[b, n:] == IGNORE_INDEX).all(), "padding is never a target"
+        kept = labels[b][labels[b] != IGNORE_INDEX].tolist()
+        assert tok.decode(kept) == c[-1]["content"] + "<|im_end|>", f"example {b}: exactly the assistant tokens"
+        # and they sit where the answer is, right after this example's own prompt
+        start = len(encode_prompt(tok, c[0]["content"]))
+        assert labels[b, start - 1] == IGNORE_INDEX and labels[b, start] == ids[start]
+    assert torch.equal(weights, torch.ones_like(weights)), "default weights are 1"
+
+
+def test_span_weights_hit_exactly_the_tag_delimited_reasoning(tok):
+    msgs = conv("Why?", "Because.", reasoning="The <think> text is not a tag here.")
+    ids, mask = encode_chat(tok, msgs)
+    w = span_weights(tok, ids, mask, answer_weight=3.0, think_weight=2.0)
+    think, end = ids.index(tok.special["<think>"]), ids.index(tok.special["</think>"])
+    assert ids.count(tok.special["<think>"]) == 2, "the literal '<think>' in the reasoning is a tag id too"
+    for i, (m, wi) in enumerate(zip(mask, w)):
+        expected = 1.0 if not m else 2.0 if think <= i <= end else 3.0
+        assert wi == expected, f"position {i} ({tok.decode([ids[i]])!r}): weight {wi}, expected {expected}"
+    assert tok.decode([i for i, wi in zip(ids, w) if wi == 3.0]) == "\nBecause.<|im_end|>"
+    # a tag spelled out of smaller pieces is not a tag: nothing gets the think weight
+    fake = [i for piece in ("<", "think", ">") for i in tok.encode(piece)] + tok.encode(" hmm")
+    assert span_weights(tok, fake, [1] * len(fake), 3.0, 2.0) == [3.0] * len(fake)
+
+
+def test_weighted_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(2, 6, 11, generator=g), torch.randint(0, 11, (2, 6), generator=g)
+    labels[0, :3] = IGNORE_INDEX
+    assert torch.allclose(cross_entropy(logits, labels, torch.ones(2, 6)), cross_entropy(logits, labels))
+    w = torch.ones(2, 6)
+    w[1, 4] = 3.0  # label token 4 of row 1 counts three times
+    per = torch.nn.functional.cross_entropy(logits[1, 3], labels[1, 4])
+    n = (labels[:, 1:] != IGNORE_INDEX).sum()
+    assert torch.allclose(cross_entropy(logits, labels, w), cross_entropy(logits, labels) + 2 * per / n)
+
+
+def tiny_model(tok, seed=0):
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_embd=16, n_head=2, n_kv_head=1,
+                                   max_seq_len=64)).eval()
+
+
+def test_batched_answers_equal_one_at_a_time(tok):
+    model = tiny_model(tok)
+    prompts = ["Where does Mia live?", "Who is Tom's best friend?", "Where does Zoe live?", "Hi"]
+    batched = generate_answers(model, tok, prompts, temperature=0.0, top_p=1.0, max_new_tokens=5, batch_size=8,
+                               device="cpu", dtype="fp32")
+    single = [generate_answers(model, tok, [p], temperature=0.0, top_p=1.0, max_new_tokens=5, batch_size=1,
+                               device="cpu", dtype="fp32")[0] for p in prompts]
+    assert batched == single, "grouping by prompt length must not change greedy answers"
+
+
+def test_local_answers_writes_n_samples_per_prompt_and_skips_cached(tok, tmp_path):
+    model, path = tiny_model(tok), tmp_path / "answers.jsonl"
+    cache = AnswerCache(path, log=lambda *_: None)
+    cache.append("Where does Mia live?", "cached already")
+    cache.append("Where does Mia live?", "twice")
+    prompts = ["Where does Mia live?", "Who is Tom's best friend?", "Where does Zoe live?"]
+    kw = dict(n_samples=2, temperature=1.0, top_p=0.9, max_new_tokens=4, batch_size=8, device="cpu",
+              dtype="fp32", seed=0, log=lambda *_: None)
+    assert local_answers(model, tok, prompts, cache, **kw) == 4, "2 prompts x 2 samples; Mia is done"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(records) == 6
+    counts = {p: sum(r["conversations"][0]["content"] == p for r in records) for p in prompts}
+    assert counts == {p: 2 for p in prompts}
+    assert all(r["conversations"][1]["role"] == "assistant" for r in records)
+    again = AnswerCache(path, log=lambda *_: None)
+    assert local_answers(model, tok, prompts, again, **kw) == 0, "a rerun generates nothing"
+    assert len(path.read_text().splitlines()) == 6
+
+
+def test_exact_match_normalisation_and_scoring(tok):
+    assert normalize("  Mia lives in Greenhill. ") == normalize("mia lives in greenhill") == "mia lives in greenhill"
+    assert normalize("Greenhill!?") == "greenhill"
+    assert normalize("Mia's dog") == "mia's dog", "only trailing punctuation goes"
+    assert normalize("Greenhill") != normalize("Greenhills")
+    model = tiny_model(tok)
+    qa = [("Where does Mia live?", "x"), ("Who is Tom's best friend?", "y")]
+    acc, answers = exact_match(model, tok, qa, batch_size=4, device="cpu", dtype="fp32", max_new_tokens=4)
+    # score the model's own answers as gold: all correct; and a wrong gold for one: half
+    acc_self, _ = exact_match(model, tok, [(q, a + ".") for (q, _), a in zip(qa, answers)], batch_size=4,
+                              device="cpu", dtype="fp32", max_new_tokens=4)
+    assert acc_self == 1.0
+    acc_half, _ = exact_match(model, tok, [(qa[0][0], answers[0]), (qa[1][0], answers[1] + "zz")], batch_size=4,
+                              device="cpu", dtype="fp32", max_new_tokens=4)
+    assert acc_half == 0.5
+
+
+def test_split_reasoning():
+    assert split_reasoning("<think>\nstep 1\n</think>\nAnswer.") == ("step 1", "Answer.")
+    assert split_reasoning(" Answer. ") == (None, "Answer.")
+
+
+def test_read_prompts(tmp_path):
+    txt = tmp_path / "p.txt"
+    txt.write_text("first?\n\n second? \n")
+    assert read_prompts(txt) == ["first?", "second?"]
+    jl = tmp_path / "p.jsonl"
+    jl.write_text('{"prompt": "a"}\n{"conversations": [{"role": "user", "content": "b"}]}\n'
+                  '{"conversations": [{"from": "human", "value": "c"}]}\n')
+    assert read_prompts(jl) == ["a", "b", "c"]
+    jl.write_text('{"prompt": "a"}\n{"nothing": 1}\n')
+    with pytest.raises(Exception, match="p.jsonl:2"):
+        read_prompts(jl)
