@@ -70,8 +70,9 @@ def parse_args():
                    help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
     # teacher: local (default), a file of answers, or an API
     add_teacher_args(p)
-    p.add_argument("--teacher_chat_steps", type=int, default=150,
-                   help="local teacher: chat-SFT steps on the labelled questions (0 = use it as it is)")
+    p.add_argument("--teacher_chat_steps", type=int, default=0,
+                   help="local teacher: chat-SFT it on the labelled questions for this many steps and ask it in "
+                        "the chat format; 0 = ask the story-pretrained base model with a story cloze")
     p.add_argument("--teacher_chat_lr", type=float, default=1e-3, help="local teacher: chat-SFT peak lr")
     p.add_argument("--teacher_data", default=None,
                    help="JSONL of answers another model wrote (minimind SFT, ShareGPT or messages format)")
@@ -144,12 +145,14 @@ def parse_args():
 
 def story_qa(data_seed: int, heldout_fraction: float):
     """The checkable task: (question, answer) pairs about build_world(data_seed), split BY CHARACTER into
-    labelled and held-out pairs (a held-out character's facts are never asked in training), deterministically."""
+    labelled and held-out pairs (a held-out character's facts are never asked in training), deterministically.
+    Also returns each question's cloze for a base teacher: (context, prefix, words in the blank), e.g.
+    ("This is a story about Mia. ", "Mia lives in", 1), in the words the stories use."""
     world = build_world(data_seed)
     names = list(world.characters)
     random.Random(data_seed).shuffle(names)
     heldout = set(names[:round(len(names) * heldout_fraction)])
-    labelled_qa, heldout_qa = [], []
+    labelled_qa, heldout_qa, clozes = [], [], {}
     for c in world.characters.values():
         slots = dict(name=c.name, pet=c.pet, a_pet=("an " if c.pet[0] in "aeiou" else "a ") + c.pet,
                      pet_name=c.pet_name, home=c.home, color=c.color, friend=c.friend, food=c.food,
@@ -157,7 +160,10 @@ def story_qa(data_seed: int, heldout_fraction: float):
         for (question, _), answer in zip(QUESTIONS, ANSWERS):
             pair = (question.format(**slots), answer.format(**slots))
             (heldout_qa if c.name in heldout else labelled_qa).append(pair)
-    return labelled_qa, heldout_qa
+            prefix, blank = answer.rsplit(" ", 1)  # "{name} lives in", "{home}."
+            clozes[pair[0]] = (f"This is a story about {c.name}. ", prefix.format(**slots),
+                               len(blank.format(**slots).split()))
+    return labelled_qa, heldout_qa, clozes
 
 
 def qa_conversation(question: str, answer: str) -> list[dict]:
@@ -179,7 +185,7 @@ def main():
     # data: the tokenizer (shared with the white-box script) and the checkable question/answer task
     docs = load_corpus(args.data, args.data_seed, args.n_chars)
     tok = get_tokenizer(out_dir, docs, args.vocab_size)
-    labelled_qa, heldout_qa = story_qa(args.data_seed, args.heldout_fraction)
+    labelled_qa, heldout_qa, clozes = story_qa(args.data_seed, args.heldout_fraction)
     print(f"task: {len(labelled_qa) + len(heldout_qa)} story questions | {len(labelled_qa)} labelled "
           f"| {len(heldout_qa)} held out (their characters' true answers are never trained on)")
 
@@ -196,13 +202,13 @@ def main():
         weights = (args.answer_weight, args.think_weight) if weighted else (1.0, 1.0)
         return lambda step: sft_batch(sample_examples(examples, step, args.batch_size, args.seed), tok, *weights)
 
-    def answer(model, prompts):
+    def answer(model, prompts, cloze=None):
         return generate_answers(model, tok, prompts, temperature=0.0, top_p=1.0, max_new_tokens=args.max_new_tokens,
-                                batch_size=args.gen_batch_size, device=args.device, dtype=args.dtype)
+                                batch_size=args.gen_batch_size, device=args.device, dtype=args.dtype, cloze=cloze)
 
     # ------------------------------------------------------------------------------------------------------
     # teacher: its answers, as conversations (local teacher and API through the append-only cache)
-    teacher = None
+    teacher = teacher_cloze = None
     if args.teacher_data:
         teacher_source = f"data:{args.teacher_data}"
         conversations = load_teacher_data(args.teacher_data)
@@ -242,10 +248,13 @@ def main():
                           ckpt_path=chat_path, logger=logger, tokenizer_sha256=tok.sha256)
                 teacher.eval().requires_grad_(False)
             t0 = time.perf_counter()
+            # A base teacher is asked with a cloze ("This is a story about Mia. Mia lives in ___"); a chat-tuned
+            # one with the question itself.
+            teacher_cloze = None if args.teacher_chat_steps else clozes.get
             n_new = local_answers(teacher, tok, prompts, cache, n_samples=args.n_samples,
                                   temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                                   batch_size=args.gen_batch_size, device=args.device, dtype=args.dtype,
-                                  seed=args.seed)
+                                  seed=args.seed, cloze=teacher_cloze)
             print(f"teacher answers: {n_new} new in {time.perf_counter() - t0:.1f} s -> {cache.path}")
         # This run's prompts only, n_samples each: the cache may hold answers to other prompts.
         wanted, conversations = {p: args.n_samples for p in prompts}, []
@@ -324,14 +333,15 @@ def main():
         r = {"accuracy": None, "answer_ppl": None, "params": model.num_params() if model else None,
              "train_s": train_s.get(name)}
         if model is not None:
+            cloze = teacher_cloze if name == "teacher" else None
             if eval_qa:  # greedy answers, also for the local teacher (its cached ones may be sampled)
                 r["accuracy"], _ = exact_match(model, tok, eval_qa, batch_size=args.gen_batch_size,
                                                device=args.device, dtype=args.dtype,
-                                               max_new_tokens=args.max_new_tokens)
+                                               max_new_tokens=args.max_new_tokens, cloze=cloze)
             if ppl_examples:
                 r["answer_ppl"] = answer_perplexity(model, ppl_examples, tok, args.gen_batch_size, args.device,
                                                     args.dtype)
-            answers[name] = answer(model, [q for q, _ in shown])
+            answers[name] = answer(model, [q for q, _ in shown], cloze)
         elif name == "teacher" and eval_qa:  # a file or API teacher: score the answers it wrote
             r["accuracy"] = sum(normalize(first_answer[q]) == normalize(a) for q, a in eval_qa) / len(eval_qa)
         report[name] = r

@@ -137,15 +137,27 @@ def split_reasoning(text: str) -> tuple[str | None, str]:
 
 @torch.no_grad()
 def generate_answers(model, tok, prompts: list[str], *, temperature: float, top_p: float, max_new_tokens: int,
-                     batch_size: int, device: str, dtype: str, generator=None, on_batch=None) -> list[str]:
+                     batch_size: int, device: str, dtype: str, generator=None, cloze=None,
+                     on_batch=None) -> list[str]:
     """Answer each prompt (a one-turn user question); returns the decoded answers in prompt order.
+
+    A chat model is asked with the chat template (encode_prompt) and stops at <|im_end|>. A base model,
+    which never saw the template, can be asked with a cloze instead: cloze(prompt) -> (context, prefix,
+    n_words); the model continues the plain text context + prefix, and the answer is the prefix plus the
+    first n_words words of the continuation (the blank's size), e.g. "This is a story about Mia. " +
+    "Mia lives in" -> "Mia lives in Greenhill.": the way one prompts a base model for an answer.
 
     The model has no attention mask, so a batch cannot mix prompt lengths (left padding would be attended
     to). Prompts are grouped by token length instead and each group is sampled in batches of equal-length
-    rows with the KV cache (model.model.generate); a row stops at <|im_end|>. on_batch(indices, answers),
-    if given, is called after each batch, e.g. to write the answers to a cache right away."""
-    stop = tok.special["<|im_end|>"]
-    encoded = [encode_prompt(tok, p) for p in prompts]
+    rows with the KV cache (model.model.generate). on_batch(indices, answers), if given, is called after
+    each batch, e.g. to write the answers to a cache right away."""
+    if cloze is None:
+        stops = [tok.special["<|im_end|>"]]
+        encoded = [encode_prompt(tok, p) for p in prompts]
+    else:
+        stops = tok.encode(".") + tok.encode("\n")  # a sentence ends at "." (or a line break)
+        contexts = [cloze(p) for p in prompts]
+        encoded = [tok.encode(context + prefix) for context, prefix, _ in contexts]
     by_len = {}
     for i, ids in enumerate(encoded):
         if len(ids) >= model.config.max_seq_len:
@@ -160,11 +172,16 @@ def generate_answers(model, tok, prompts: list[str], *, temperature: float, top_
             x = torch.tensor([encoded[i] for i in idx], device=device)                        # (b, length)
             with autocast(device, dtype):
                 out = generate(model, x, max_new_tokens, temperature=temperature, top_p=top_p,
-                               stop_ids=[stop], generator=generator)                          # (b, length + new)
+                               stop_ids=stops, generator=generator)                           # (b, length + new)
             batch_answers = []
             for i, row in zip(idx, out[:, length:].tolist()):
-                row = row[:row.index(stop)] if stop in row else row
-                answers[i] = tok.decode(row).strip()
+                end = next((k for k, t in enumerate(row) if t in stops), len(row))
+                if cloze is None:
+                    answers[i] = tok.decode(row[:end]).strip()
+                else:  # the blank's words, without punctuation, then a full stop
+                    _, prefix, n_words = contexts[i]
+                    words = tok.decode(row[:end]).replace(",", " ").split()[:n_words]
+                    answers[i] = " ".join([prefix] + words) + "."
                 batch_answers.append(answers[i])
             if on_batch is not None:
                 on_batch(idx, batch_answers)
@@ -172,10 +189,12 @@ def generate_answers(model, tok, prompts: list[str], *, temperature: float, top_
 
 
 def local_answers(teacher, tok, prompts: list[str], cache, *, n_samples: int, temperature: float, top_p: float,
-                  max_new_tokens: int, batch_size: int, device: str, dtype: str, seed: int, log=print) -> int:
-    """Sample n_samples answers per prompt from a local teacher into an AnswerCache (model/teachers.py).
-    Prompts that already have n_samples records are skipped, so a killed run resumes where it stopped;
-    each batch's answers are appended (and flushed) as soon as they exist. Returns the records written."""
+                  max_new_tokens: int, batch_size: int, device: str, dtype: str, seed: int, cloze=None,
+                  log=print) -> int:
+    """Sample n_samples answers per prompt from a local teacher into an AnswerCache (model/teachers.py),
+    through the chat template or, for a base model, a cloze (see generate_answers). Prompts that already
+    have n_samples records are skipped, so a killed run resumes where it stopped; each batch's answers are
+    appended (and flushed) as soon as they exist. Returns the number of records written."""
     todo = []
     for p in dict.fromkeys(prompts):  # unique, in order
         todo += [p] * max(0, n_samples - cache.count(p))
@@ -195,7 +214,7 @@ def local_answers(teacher, tok, prompts: list[str], cache, *, n_samples: int, te
 
     g = torch.Generator(device=device).manual_seed(seed)
     generate_answers(teacher, tok, todo, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                     batch_size=batch_size, device=device, dtype=dtype, generator=g, on_batch=write)
+                     batch_size=batch_size, device=device, dtype=dtype, generator=g, cloze=cloze, on_batch=write)
     return written
 
 
@@ -209,10 +228,11 @@ def normalize(answer: str) -> str:
 
 
 def exact_match(model, tok, qa: list[tuple[str, str]], *, batch_size: int, device: str, dtype: str,
-                max_new_tokens: int) -> tuple[float, list[str]]:
+                max_new_tokens: int, cloze=None) -> tuple[float, list[str]]:
     """Greedy answers to (question, answer) pairs; returns (share answered exactly, the answers)."""
     answers = generate_answers(model, tok, [q for q, _ in qa], temperature=0.0, top_p=1.0,
-                               max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, dtype=dtype)
+                               max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, dtype=dtype,
+                               cloze=cloze)
     hits = sum(normalize(a) == normalize(gold) for a, (_, gold) in zip(answers, qa))
     return hits / max(len(qa), 1), answers
 
