@@ -106,7 +106,7 @@ def parse_args():
                    help="share of the teacher's answers held out of SFT to measure perplexity on")
     # optimization
     p.add_argument("--seed", type=int, default=1337, help="seed of the student init, the batches and sampling")
-    p.add_argument("--steps", type=int, default=500, help="student (and baseline) SFT steps")
+    p.add_argument("--steps", type=int, default=1500, help="student (and baseline) SFT steps")
     p.add_argument("--batch_size", type=int, default=16,
                    help="sequences per optimizer step (also the teacher's pretraining batch, as in the "
                         "white-box script)")
@@ -118,8 +118,8 @@ def parse_args():
     p.add_argument("--warmup_steps", type=int, default=50, help="linear warmup steps")
     p.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay on matrices")
     p.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this")
-    p.add_argument("--log_interval", type=int, default=50, help="steps between log lines")
-    p.add_argument("--eval_interval", type=int, default=250, help="steps between held-out perplexity checks")
+    p.add_argument("--log_interval", type=int, default=100, help="steps between log lines")
+    p.add_argument("--eval_interval", type=int, default=500, help="steps between held-out perplexity checks")
     p.add_argument("--ckpt_interval", type=int, default=250, help="steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in out_dir")
     p.add_argument("--n_show", type=int, default=4, help="prompt -> teacher -> student samples to print")
@@ -357,7 +357,8 @@ def main():
     print(f"\n{'model':<9} {'params':>8} {'held-out acc':>13} {'answer ppl':>11}   ({teacher_source})")
     for name in ("teacher", "student", "baseline"):
         r = report[name]
-        print(f"{name:<9} {fmt(r['params'] and r['params'] / 1e6, '7.2f') + 'M':>8} "
+        params = "-" if r["params"] is None else f"{r['params'] / 1e6:.2f}M"
+        print(f"{name:<9} {params:>8} "
               f"{fmt(r['accuracy'], '13.1%'):>13} {fmt(r['answer_ppl'], '11.2f'):>11}")
     if eval_qa:
         print(f"accuracy: exact match (after strip/lowercase/trailing punctuation) on {len(eval_qa)} questions "

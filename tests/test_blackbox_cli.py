@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--n_chars", "60000", "--vocab_size", "320", "--teacher_layers", "2", "--teacher_dim", "32",
-        "--teacher_heads", "2", "--teacher_kv_heads", "1", "--teacher_steps", "4", "--teacher_chat_steps", "3",
+        "--teacher_heads", "2", "--teacher_kv_heads", "1", "--teacher_steps", "4",
         "--n_layer", "1", "--n_embd", "16", "--n_head", "2", "--n_kv_head", "1", "--steps", "4",
         "--batch_size", "4", "--block_size", "64", "--max_new_tokens", "4", "--log_interval", "2",
         "--eval_interval", "2", "--device", "cpu"]
@@ -38,13 +38,15 @@ def test_default_flow_writes_the_report(first_run):
         assert {"accuracy", "answer_ppl", "params"} <= report[name].keys()
         assert 0 <= report[name]["accuracy"] <= 1 and report[name]["answer_ppl"] > 1
     assert report["n_eval"] == 144 and report["teacher_source"].startswith("local:") and report["wall_s"] > 0
-    for f in ("teacher.pt", "teacher_chat.pt", "blackbox_student.pt", "blackbox_baseline.pt", "tokenizer.model"):
+    for f in ("teacher.pt", "blackbox_student.pt", "blackbox_baseline.pt", "tokenizer.model"):
         assert (out / f).is_file(), f
     records = [json.loads(line) for line in (out / "teacher_answers.jsonl").read_text().splitlines()]
     assert len(records) == 720, "one teacher answer per story question"
     assert report["n_train_answers"] + report["n_ppl_answers"] == 720
     log = [json.loads(line) for line in (out / "blackbox_log.jsonl").read_text().splitlines()]
-    assert {"teacher", "teacher_chat", "student", "baseline"} <= {rec["run"] for rec in log}
+    assert {"teacher", "student", "baseline"} <= {rec["run"] for rec in log}
+    record = json.loads((out / "teacher_answers.jsonl").read_text().splitlines()[0])["conversations"]
+    assert record[1]["content"].endswith("."), "a base teacher's cloze answer is a whole sentence"
     assert "held-out acc" in r.stdout and "samples (greedy)" in r.stdout
 
 
@@ -52,10 +54,19 @@ def test_second_run_reuses_the_teacher_and_its_answers(first_run):
     out, _ = first_run
     r = run(*TINY, "--out_dir", str(out), "--no_baseline", "--answer_weight", "2")
     assert r.returncode == 0, r.stderr
-    assert "pretraining" not in r.stdout and "reusing" in r.stdout
-    assert "720 of 720 answers already there" in r.stdout
+    assert "pretraining" not in r.stdout and "720 of 720 answers already there" in r.stdout
     assert len((out / "teacher_answers.jsonl").read_text().splitlines()) == 720, "nothing duplicated"
     assert json.loads((out / "blackbox_report.json").read_text())["baseline"]["accuracy"] is None
+
+
+def test_chat_tuned_teacher(first_run, tmp_path):
+    out, _ = first_run
+    cache = tmp_path / "chat_answers.jsonl"
+    r = run(*TINY, "--out_dir", str(out), "--teacher_chat_steps", "3", "--cache", str(cache), "--no_baseline")
+    assert r.returncode == 0, r.stderr
+    assert (out / "teacher_chat.pt").is_file() and len(cache.read_text().splitlines()) == 720
+    log = [json.loads(line) for line in (out / "blackbox_log.jsonl").read_text().splitlines()]
+    assert "teacher_chat" in {rec["run"] for rec in log}
 
 
 def minimind_file(path, n=12):
