@@ -9,13 +9,14 @@ are split in two: the ground-truth answers of the "labelled" ones may be used fo
 "held-out" ones never are. Steps:
   1. the same tokenizer, corpus and story-pretrained teacher as train_distill_whitebox.py (reused from
      out/, or pretrained first);
-  2. a short chat SFT teaches the teacher the question/answer format on the labelled characters only
-     (out/teacher_chat.pt); it answers the held-out ones from what it read in the stories;
-  3. the teacher answers every question (the transfer set) with KV-cache sampling into an append-only
-     cache (out/teacher_answers.jsonl);
-  4. the student is SFT'd on those answers; a baseline student (same init, same steps) is SFT'd on the
+  2. the teacher, a base model that never saw a chat template, answers every question (the transfer set)
+     through a story cloze ("This is a story about Mia. Mia lives in ___") with KV-cache sampling, into an
+     append-only cache (out/teacher_answers.jsonl); it knows the held-out facts from the stories.
+     (--teacher_chat_steps N chat-SFTs it on the labelled questions first instead; at this scale that
+     memorised the labelled answers and got 0% of the held-out ones, see the README);
+  3. the student is SFT'd on those answers; a baseline student (same init, same steps) is SFT'd on the
      ground truth of the labelled characters, all the labelled data there is;
-  5. exact-match accuracy on the held-out characters for teacher, student and baseline, the student's
+  4. exact-match accuracy on the held-out characters for teacher, student and baseline, the student's
      perplexity on held-out teacher answers, a few samples; out/blackbox_report.json.
 The held-out facts reach the student only through the teacher's text.
 
