@@ -3,12 +3,12 @@ Distillation benchmark: tokens/s, peak memory and MFU of the steps that distilla
 current device, plus the fast paths before/after and the issue's targets. Not a test (pytest collects
 only test_*.py). Run from the repository root:
 
-    python -m tests.benchmark                 # 7.5 min on a shared 2-core CPU (the other users made it slow)
-    python -m tests.benchmark --compile       # also time torch.compile (minutes of compiling on a CPU)
-    python -m tests.benchmark --device cuda
+    python tests/benchmark.py                 # 7.5 min on a shared 2-core CPU (the other users made it slow)
+    python tests/benchmark.py --compile       # also time torch.compile (minutes of compiling on a CPU)
+    python tests/benchmark.py --device cuda
 
-(`python tests/benchmark.py` would put tests/, not the repository root, on sys.path, so `import model`
-would fail; `-m` runs it as a module of the root, like `python -m pytest`.)
+Run by path, it re-runs itself as `python -m tests.benchmark` from the repository root, so that
+`import model` works without editing sys.path.
 
 Each measurement runs in a fresh subprocess so its peak memory is its own:
 - CUDA: torch.cuda.max_memory_allocated() during the timed steps, minus what was allocated before them.
@@ -26,6 +26,12 @@ import os
 import subprocess
 import sys
 import time
+
+if __name__ == "__main__" and not __package__:
+    # Run by path (`python tests/benchmark.py`): tests/, not the repository root, is on sys.path, so
+    # `import model` would fail. Re-run this same command as `python -m tests.benchmark` from the root.
+    os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    os.execv(sys.executable, [sys.executable, "-m", "tests.benchmark", *sys.argv[1:]])
 
 import torch
 import torch.nn as nn
