@@ -41,7 +41,8 @@ from model.sft import (answer_perplexity, encode_chat, exact_match, generate_ans
                        read_prompts, sample_examples, sft_batch)
 from model.teachers import AnswerCache, api_answers, load_teacher_data
 from model.tokenizer import get_tokenizer
-from model.train import (Logger, add_teacher_args, get_teacher, load_checkpoint, model_from_checkpoint, train)
+from model.train import (Logger, add_data_args, add_optim_args, add_teacher_args, check_optim_args, get_teacher,
+                         load_checkpoint, model_from_checkpoint, train)
 from model.world import QUESTIONS, build_world
 
 # A whole-sentence answer per question, phrased the way the stories state the fact, so the story-pretrained
@@ -54,21 +55,10 @@ ANSWERS = ("{name} has {a_pet}.", "{name}'s {pet} is called {pet_name}.", "{name
 
 def parse_args():
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    # data and output
-    p.add_argument("--data", default=None, help="text for the tokenizer and the teacher's pretraining (as in "
-                                                "train_distill_whitebox.py); default: the embedded story corpus")
-    p.add_argument("--data_seed", type=int, default=0, help="seed of the embedded story world and corpus")
-    p.add_argument("--n_chars", type=int, default=2_000_000, help="size of the embedded corpus in characters")
-    p.add_argument("--val_fraction", type=float, default=0.05, help="share of the corpus the teacher's "
-                                                                    "pretraining holds out")
-    p.add_argument("--vocab_size", type=int, default=2048, help="BPE vocabulary size when a tokenizer is trained")
-    p.add_argument("--out_dir", default="out", help="tokenizer, checkpoints, cache, logs and report go here")
+    # data, output and hardware (shared with the white-box script)
+    add_data_args(p)
     p.add_argument("--heldout_fraction", type=float, default=0.2,
                    help="share of the story characters whose true answers are never trained on (evaluation)")
-    # hardware
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
     # teacher: local (default), a file of answers, or an API
     add_teacher_args(p)
     p.add_argument("--teacher_chat_steps", type=int, default=0,
@@ -106,31 +96,10 @@ def parse_args():
     p.add_argument("--ppl_fraction", type=float, default=0.1,
                    help="share of the teacher's answers held out of SFT to measure perplexity on")
     # optimization
-    p.add_argument("--seed", type=int, default=1337, help="seed of the student init, the batches and sampling")
-    p.add_argument("--steps", type=int, default=1500, help="student (and baseline) SFT steps")
-    p.add_argument("--batch_size", type=int, default=16,
-                   help="sequences per optimizer step (also the teacher's pretraining batch, as in the "
-                        "white-box script)")
-    p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per step (batch_size splits)")
-    p.add_argument("--block_size", type=int, default=128,
-                   help="longest sequence T: SFT examples are cut to it; also the teacher's pretraining T")
-    p.add_argument("--lr", type=float, default=3e-3, help="student peak learning rate")
-    p.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine floor as a share of the peak lr")
-    p.add_argument("--warmup_steps", type=int, default=50, help="linear warmup steps")
-    p.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay on matrices")
-    p.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this")
-    p.add_argument("--log_interval", type=int, default=100, help="steps between log lines")
-    p.add_argument("--eval_interval", type=int, default=500, help="steps between held-out perplexity checks")
-    p.add_argument("--ckpt_interval", type=int, default=250, help="steps between checkpoints")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in out_dir")
+    add_optim_args(p, steps=1500, lr=3e-3, log_interval=100, eval_interval=500)
     p.add_argument("--n_show", type=int, default=4, help="prompt -> teacher -> student samples to print")
     args = p.parse_args()
-    for flag in ("steps", "batch_size", "grad_accum", "block_size", "teacher_steps", "log_interval",
-                 "eval_interval", "ckpt_interval", "n_samples", "max_new_tokens", "gen_batch_size"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag} must be at least 1")
-    if args.batch_size % args.grad_accum:
-        p.error(f"--batch_size {args.batch_size} must be a multiple of --grad_accum {args.grad_accum}")
+    check_optim_args(p, args, positive=("n_samples", "max_new_tokens", "gen_batch_size"))
     if args.teacher_chat_steps < 0 or args.temperature < 0 or not 0 < args.top_p <= 1:
         p.error("need --teacher_chat_steps >= 0, --temperature >= 0 and 0 < --top_p <= 1")
     if not 0 < args.heldout_fraction < 1 or not 0 <= args.ppl_fraction < 1:

@@ -28,23 +28,14 @@ from model.losses import (DIVERGENCES, attention_relation_loss, cross_entropy, h
 from model.model import ModelConfig, Transformer, generate
 from model.tokenizer import get_tokenizer
 from model.topk_cache import get_cached_batch, get_topk_cache
-from model.train import Logger, add_teacher_args, evaluate, get_teacher, train
+from model.train import (Logger, add_data_args, add_optim_args, add_teacher_args, check_optim_args, evaluate,
+                         get_teacher, train)
 
 
 def parse_args():
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    # data and output
-    p.add_argument("--data", default=None, help=".txt, pretrain JSONL ({'text'}) or SFT JSONL ({'conversations'}); "
-                                                "default: the embedded story corpus")
-    p.add_argument("--data_seed", type=int, default=0, help="seed of the embedded story world and corpus")
-    p.add_argument("--n_chars", type=int, default=2_000_000, help="size of the embedded corpus in characters")
-    p.add_argument("--val_fraction", type=float, default=0.05, help="share of tokens held out for validation")
-    p.add_argument("--vocab_size", type=int, default=2048, help="BPE vocabulary size when a tokenizer is trained")
-    p.add_argument("--out_dir", default="out", help="tokenizer, checkpoints, logs and report go here")
-    # hardware
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
+    # data, output and hardware (shared with the black-box script)
+    add_data_args(p)
     # teacher
     add_teacher_args(p)
     # student
@@ -76,29 +67,11 @@ def parse_args():
                         "0 = all at once")
     p.add_argument("--compile", action="store_true", help="torch.compile the student and teacher forwards")
     # optimization
-    p.add_argument("--seed", type=int, default=1337, help="seed of the student init and the batch order")
-    p.add_argument("--steps", type=int, default=500, help="student optimizer steps")
-    p.add_argument("--batch_size", type=int, default=16, help="sequences per optimizer step")
-    p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per step (batch_size splits)")
-    p.add_argument("--block_size", type=int, default=128, help="sequence length T")
-    p.add_argument("--lr", type=float, default=3e-3, help="student peak learning rate")
-    p.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine floor as a share of the peak lr")
-    p.add_argument("--warmup_steps", type=int, default=50, help="linear warmup steps")
-    p.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay on matrices")
-    p.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this")
-    p.add_argument("--log_interval", type=int, default=50, help="steps between log lines")
-    p.add_argument("--eval_interval", type=int, default=250, help="steps between validation passes")
-    p.add_argument("--ckpt_interval", type=int, default=250, help="steps between checkpoints")
+    add_optim_args(p, steps=800, lr=3e-3, log_interval=50, eval_interval=250)
     p.add_argument("--eval_tokens", type=int, default=32768, help="validation tokens per evaluation")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in out_dir")
     p.add_argument("--sample_tokens", type=int, default=48, help="tokens to sample from each model at the end")
     args = p.parse_args()
-    for flag in ("steps", "batch_size", "grad_accum", "block_size", "teacher_steps", "log_interval",
-                 "eval_interval", "ckpt_interval"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag} must be at least 1")
-    if args.batch_size % args.grad_accum:
-        p.error(f"--batch_size {args.batch_size} must be a multiple of --grad_accum {args.grad_accum}")
+    check_optim_args(p, args)
     if not 0 <= args.alpha <= 1 or args.temperature <= 0 or not 0 <= args.jsd_beta <= 1:
         p.error("need 0 <= --alpha <= 1, --temperature > 0 and 0 <= --jsd_beta <= 1")
     if args.cache_teacher_topk and (args.hidden_weight > 0 or args.attn_weight > 0):

@@ -201,6 +201,58 @@ def evaluate(model, batches, device: str, dtype: str, teacher=None) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# flags both scripts share: the tokenizer, the teacher's pretraining and the training loop read them, so the
+# two scripts build the same tokenizer and the same teacher from the same values
+
+def add_data_args(parser):
+    """Data, output folder and hardware."""
+    parser.add_argument("--data", default=None,
+                        help="text the tokenizer and the teacher (and the white-box student) train on: .txt, "
+                             "pretrain JSONL ({'text'}) or SFT JSONL ({'conversations'}); default: the embedded "
+                             "story corpus")
+    parser.add_argument("--data_seed", type=int, default=0, help="seed of the embedded story world and corpus")
+    parser.add_argument("--n_chars", type=int, default=2_000_000, help="size of the embedded corpus in characters")
+    parser.add_argument("--val_fraction", type=float, default=0.05,
+                        help="share of the corpus's tokens held out for validation (never trained on)")
+    parser.add_argument("--vocab_size", type=int, default=2048, help="BPE vocabulary size when a tokenizer is trained")
+    parser.add_argument("--out_dir", default="out", help="tokenizer, checkpoints, caches, logs and reports go here")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
+
+
+def add_optim_args(parser, *, steps: int, lr: float, log_interval: int, eval_interval: int):
+    """The training loop's flags; the defaults that differ between the scripts are arguments."""
+    parser.add_argument("--seed", type=int, default=1337, help="seed of the inits, the batch order and sampling")
+    parser.add_argument("--steps", type=int, default=steps, help="student (and baseline) optimizer steps")
+    parser.add_argument("--batch_size", type=int, default=16,
+                        help="sequences per optimizer step (also the teacher's pretraining batch)")
+    parser.add_argument("--grad_accum", type=int, default=1, help="micro-batches per step (batch_size splits)")
+    parser.add_argument("--block_size", type=int, default=128,
+                        help="sequence length T (also the teacher's pretraining T)")
+    parser.add_argument("--lr", type=float, default=lr, help="student peak learning rate")
+    parser.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine floor as a share of the peak lr")
+    parser.add_argument("--warmup_steps", type=int, default=50, help="linear warmup steps")
+    parser.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay on matrices")
+    parser.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this")
+    parser.add_argument("--log_interval", type=int, default=log_interval, help="steps between log lines")
+    parser.add_argument("--eval_interval", type=int, default=eval_interval, help="steps between validation passes")
+    parser.add_argument("--ckpt_interval", type=int, default=250, help="steps between checkpoints")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in out_dir")
+
+
+def check_optim_args(parser, args, positive=()):
+    """Reject step counts and intervals below 1 (also those named in `positive`) and a batch that does not
+    split into --grad_accum micro-batches."""
+    for flag in ("steps", "batch_size", "grad_accum", "block_size", "teacher_steps", "log_interval",
+                 "eval_interval", "ckpt_interval", *positive):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1")
+    if args.batch_size % args.grad_accum:
+        parser.error(f"--batch_size {args.batch_size} must be a multiple of --grad_accum {args.grad_accum}")
+
+
+# ----------------------------------------------------------------------------------------------------------
 # the teacher: loaded from --teacher, or pretrained with plain next-token CE when the default is missing
 
 def add_teacher_args(parser):
@@ -211,7 +263,7 @@ def add_teacher_args(parser):
     parser.add_argument("--teacher_dim", type=int, default=256, help="teacher pretraining: width C")
     parser.add_argument("--teacher_heads", type=int, default=4, help="teacher pretraining: query heads")
     parser.add_argument("--teacher_kv_heads", type=int, default=2, help="teacher pretraining: key/value heads")
-    parser.add_argument("--teacher_steps", type=int, default=600, help="teacher pretraining: optimizer steps")
+    parser.add_argument("--teacher_steps", type=int, default=700, help="teacher pretraining: optimizer steps")
     parser.add_argument("--teacher_lr", type=float, default=2e-3, help="teacher pretraining: peak learning rate")
 
 
