@@ -3,7 +3,7 @@ White-box distillation: a small student learns from a bigger teacher's logits an
 
     loss = alpha * CE(y, z_S) + (1 - alpha) * T^2 * D(p_T || p_S) + lambda_h * L_hidden + lambda_a * L_attn
 
-With no arguments it runs the whole story on a CPU in a few minutes: generate the embedded story corpus,
+With no arguments it runs the whole story on a CPU in under 10 minutes: generate the embedded story corpus,
 train a tokenizer, pretrain a teacher (once; later runs reuse out/teacher.pt), distil a student, train the
 same student with CE only as a baseline (same init, same batches, same steps), and print a comparison table
 (also written to out/whitebox_report.json).
@@ -67,7 +67,7 @@ def parse_args():
                         "0 = all at once")
     p.add_argument("--compile", action="store_true", help="torch.compile the student and teacher forwards")
     # optimization
-    add_optim_args(p, steps=800, lr=3e-3, log_interval=50, eval_interval=250)
+    add_optim_args(p, steps=400, lr=1e-2, log_interval=50, eval_interval=200)
     p.add_argument("--eval_tokens", type=int, default=32768, help="validation tokens per evaluation")
     p.add_argument("--sample_tokens", type=int, default=48, help="tokens to sample from each model at the end")
     args = p.parse_args()
