@@ -24,6 +24,7 @@ from model.common import UserError, autocast
 from model.data import chat_text, read_jsonl
 from model.losses import IGNORE_INDEX, cross_entropy
 from model.model import generate
+from model.teachers import split_think
 
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
 
@@ -127,14 +128,6 @@ def answer_perplexity(model, examples, tok, batch_size: int, device: str, dtype:
 # ----------------------------------------------------------------------------------------------------------
 # answering prompts with a local model
 
-def split_reasoning(text: str) -> tuple[str | None, str]:
-    """'<think>\\nr\\n</think>\\na' -> ('r', 'a'); text without a closed <think> block -> (None, text)."""
-    if text.startswith("<think>") and "</think>" in text:
-        reasoning, answer = text[len("<think>"):].split("</think>", 1)
-        return reasoning.strip(), answer.strip()
-    return None, text.strip()
-
-
 @torch.no_grad()
 def generate_answers(model, tok, prompts: list[str], *, temperature: float, top_p: float, max_new_tokens: int,
                      batch_size: int, device: str, dtype: str, generator=None, cloze=None,
@@ -208,7 +201,7 @@ def local_answers(teacher, tok, prompts: list[str], cache, *, n_samples: int, te
     def write(idx, answers):
         nonlocal written
         for i, text in zip(idx, answers):
-            reasoning, answer = split_reasoning(text)
+            answer, reasoning = split_think(text)
             cache.append(todo[i], answer, reasoning)
         written += len(idx)
 

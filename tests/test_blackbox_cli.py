@@ -96,16 +96,7 @@ def test_teacher_data_file_in_minimind_format(first_run, tmp_path):
     assert report["samples"][0]["teacher"].startswith("The answer is")
 
 
-def one_line_error(r, *fragments):
-    assert r.returncode != 0
-    assert "Traceback" not in r.stderr, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, f"expected a one-line error, got: {r.stderr}"
-    for f in fragments:
-        assert f in lines[0], f"{f!r} not in {lines[0]!r}"
-
-
-def test_bad_inputs_give_one_line_errors(first_run, tmp_path):
+def test_bad_inputs_give_one_line_errors(first_run, tmp_path, one_line_error):
     out, _ = first_run
     broken = tmp_path / "broken.jsonl"
     minimind_file(broken, 3)

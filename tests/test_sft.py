@@ -11,7 +11,7 @@ from model.data import chat_text
 from model.losses import IGNORE_INDEX, cross_entropy
 from model.model import ModelConfig, Transformer
 from model.sft import (encode_chat, encode_prompt, exact_match, generate_answers, local_answers, normalize,
-                       read_prompts, sft_batch, span_weights, split_reasoning)
+                       read_prompts, sft_batch, span_weights)
 from model.teachers import AnswerCache
 from model.tokenizer import SPECIAL_TOKENS
 
@@ -147,11 +147,6 @@ def test_exact_match_normalisation_and_scoring(tok):
     acc_half, _ = exact_match(model, tok, [(qa[0][0], answers[0]), (qa[1][0], answers[1] + "zz")], batch_size=4,
                               device="cpu", dtype="fp32", max_new_tokens=4)
     assert acc_half == 0.5
-
-
-def test_split_reasoning():
-    assert split_reasoning("<think>\nstep 1\n</think>\nAnswer.") == ("step 1", "Answer.")
-    assert split_reasoning(" Answer. ") == (None, "Answer.")
 
 
 def test_read_prompts(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 
 from model.common import UserError
 from model.data import chat_text
-from model.teachers import AnswerCache, api_answers, chat_completions_url, load_teacher_data
+from model.teachers import AnswerCache, api_answers, chat_completions_url, load_teacher_data, split_think
 
 SECRET = "sk-test-SECRET-do-not-leak-1234"
 
@@ -321,3 +321,9 @@ def test_teacher_data_broken_line_names_file_and_line(tmp_path, bad, message):
 def test_teacher_data_missing_file_names_the_flag(tmp_path):
     with pytest.raises(UserError, match=r"--teacher_data .*nope\.jsonl: no such file"):
         load_teacher_data(tmp_path / "nope.jsonl")
+
+
+def test_split_think():
+    assert split_think("<think>\nstep 1\n</think>\nAnswer.") == ("Answer.", "step 1")
+    assert split_think(" Answer. ") == ("Answer.", None)
+    assert split_think("<think>inline</think>Answer.", "given") == ("Answer.", "given"), "a given field wins"

@@ -53,16 +53,7 @@ def test_second_run_reuses_the_teacher(first_run):
     assert "baseline" not in json.loads((out / "whitebox_report.json").read_text())
 
 
-def one_line_error(r, *fragments):
-    assert r.returncode != 0
-    assert "Traceback" not in r.stderr, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, f"expected a one-line error, got: {r.stderr}"
-    for f in fragments:
-        assert f in lines[0], f"{f!r} not in {lines[0]!r}"
-
-
-def test_bad_inputs_give_one_line_errors(first_run, tmp_path):
+def test_bad_inputs_give_one_line_errors(first_run, tmp_path, one_line_error):
     out, _ = first_run
     empty = tmp_path / "empty.txt"
     empty.write_text("")
