@@ -9,9 +9,9 @@ same student with CE only as a baseline (same init, same batches, same steps), a
 (also written to out/whitebox_report.json).
 
     python train_distill_whitebox.py
-    python train_distill_whitebox.py --divergence reverse_kl --temperature 2 --hidden_weight 0
+    python train_distill_whitebox.py --divergence reverse_kl --temperature 2 --hidden_weight 1
     python train_distill_whitebox.py --device cuda --dtype bf16 --data my_corpus.jsonl
-    python train_distill_whitebox.py --cache_teacher_topk 32     # offline KD from a top-32 teacher cache
+    python train_distill_whitebox.py --cache_teacher_topk 32 --attn_weight 0   # offline KD, top-32 cache
 """
 
 import json
@@ -55,7 +55,7 @@ def parse_args():
     p.add_argument("--hidden_loss", default="mse", choices=["mse", "cosine"], help="hidden-state distance")
     p.add_argument("--layer_map", default=None,
                    help="student:teacher block pairs, e.g. '1:2,2:4'; default evenly spaced")
-    p.add_argument("--attn_weight", type=float, default=0.0,
+    p.add_argument("--attn_weight", type=float, default=1.0,
                    help="lambda_a, weight of the MiniLM attention/value relation loss (last layer)")
     p.add_argument("--attn_heads", type=int, default=4, help="relation heads of the attention loss")
     p.add_argument("--no_baseline", action="store_true", help="skip the CE-only baseline student")

@@ -122,7 +122,7 @@ def test_script_trains_a_student_from_a_topk_cache(tmp_path):
     flags = ["--out_dir", str(tmp_path), "--n_chars", "40000", "--vocab_size", "400", "--teacher_steps", "3",
              "--teacher_layers", "1", "--teacher_dim", "32", "--n_layer", "1", "--n_embd", "16", "--n_head", "2",
              "--n_kv_head", "1", "--steps", "3", "--batch_size", "4", "--block_size", "32", "--eval_tokens", "256",
-             "--sample_tokens", "2", "--no_baseline", "--cache_teacher_topk", "8"]
+             "--sample_tokens", "2", "--no_baseline", "--cache_teacher_topk", "8", "--attn_weight", "0"]
     run = subprocess.run([sys.executable, "train_distill_whitebox.py", *flags], capture_output=True, text=True,
                          timeout=240, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
