@@ -67,7 +67,7 @@ def parse_args():
                         "0 = all at once")
     p.add_argument("--compile", action="store_true", help="torch.compile the student and teacher forwards")
     # optimization
-    add_optim_args(p, steps=400, lr=1e-2, log_interval=50, eval_interval=200)
+    add_optim_args(p, steps=300, lr=1e-2, log_interval=50, eval_interval=100)
     p.add_argument("--eval_tokens", type=int, default=32768, help="validation tokens per evaluation")
     p.add_argument("--sample_tokens", type=int, default=48, help="tokens to sample from each model at the end")
     args = p.parse_args()
