@@ -3,7 +3,7 @@ Distillation benchmark: tokens/s, peak memory and MFU of the steps that distilla
 current device, plus the fast paths before/after and the issue's targets. Not a test (pytest collects
 only test_*.py). Run from the repository root:
 
-    python tests/benchmark.py                 # 7.5 min on a shared 2-core CPU (the other users made it slow)
+    python tests/benchmark.py                 # 2.5 min on a 2-core CPU
     python tests/benchmark.py --compile       # also time torch.compile (minutes of compiling on a CPU)
     python tests/benchmark.py --device cuda
 
