@@ -75,7 +75,8 @@ def parse_args():
     if not 0 <= args.alpha <= 1 or args.temperature <= 0 or not 0 <= args.jsd_beta <= 1:
         p.error("need 0 <= --alpha <= 1, --temperature > 0 and 0 <= --jsd_beta <= 1")
     if args.cache_teacher_topk and (args.hidden_weight > 0 or args.attn_weight > 0):
-        p.error("--cache_teacher_topk caches logits only: it needs --hidden_weight 0 and --attn_weight 0")
+        p.error("--cache_teacher_topk caches logits only: add --attn_weight 0 (the attention term is on by default) "
+                "and --hidden_weight 0; both need the teacher online")
     return args
 
 
