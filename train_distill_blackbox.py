@@ -305,13 +305,15 @@ def main():
         if model is not None:
             cloze = teacher_cloze if name == "teacher" else None
             if eval_qa:  # greedy answers, also for the local teacher (its cached ones may be sampled)
-                r["accuracy"], _ = exact_match(model, tok, eval_qa, batch_size=args.gen_batch_size,
-                                               device=args.device, dtype=args.dtype,
-                                               max_new_tokens=args.max_new_tokens, cloze=cloze)
+                r["accuracy"], greedy = exact_match(model, tok, eval_qa, batch_size=args.gen_batch_size,
+                                                    device=args.device, dtype=args.dtype,
+                                                    max_new_tokens=args.max_new_tokens, cloze=cloze)
+                answers[name] = greedy[:len(shown)]  # the samples shown are the first evaluation questions
+            else:
+                answers[name] = answer(model, [q for q, _ in shown], cloze)
             if ppl_examples:
                 r["answer_ppl"] = answer_perplexity(model, ppl_examples, tok, args.gen_batch_size, args.device,
                                                     args.dtype)
-            answers[name] = answer(model, [q for q, _ in shown], cloze)
         elif name == "teacher" and eval_qa:  # a file or API teacher: score the answers it wrote
             r["accuracy"] = sum(normalize(first_answer[q]) == normalize(a) for q, a in eval_qa) / len(eval_qa)
         report[name] = r
