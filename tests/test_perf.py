@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from model.data import get_batch
 from model.losses import DIVERGENCES, IGNORE_INDEX, kd_loss, topk_kd_loss
 from model.model import ModelConfig, Transformer
-from model.topk_cache import (build_cache, covering_windows, get_cached_batch, open_cache, reconstruction_kl,
-                              teacher_topk)
+from model.topk_cache import build_cache, get_cached_batch, open_cache, reconstruction_kl, teacher_topk
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,42 +80,47 @@ def test_reconstruction_kl_falls_with_k():
     assert abs(kls[-1]) < 1e-3, "k = V keeps everything but fp16 rounding"
 
 
-def test_covering_windows_keep_every_position_once_with_half_a_window_of_context():
-    for n, block in ((100, 16), (64, 16), (17, 16), (1000, 128)):
-        kept = []
-        for s, keep in covering_windows(n, block):
-            assert s + block <= n
-            kept.extend(range(keep, s + block))
-            assert keep == 0 or keep - s >= block // 2, "each kept row sees at least half a window"
-        assert kept == list(range(n)), f"n={n} block={block}: every position exactly once, in order"
-
-
 def test_cache_round_trip(tmp_path):
     torch.manual_seed(0)
     teacher = Transformer(ModelConfig(vocab_size=48, n_layer=1, n_embd=16, n_head=2, n_kv_head=1,
                                       max_seq_len=16)).eval()
     tokens = np.random.default_rng(0).integers(0, 48, 203).astype(np.int32)
-    k, block = 6, 16
-    build_cache(tmp_path / "c", teacher, tokens, k, 1.5, block, 4, "cpu", "fp32", {"k": k})
+    k, block, B, steps, seed = 6, 16, 3, 5, 7
+    build_cache(tmp_path / "c", teacher, tokens, k=k, temperature=1.5, steps=steps, batch_size=B, block_size=block,
+                seed=seed, device="cpu", dtype="fp32", meta={"k": k}, steps_per_forward=2)
     assert json.loads((tmp_path / "c" / "meta.json").read_text()) == {"k": k}
     assert [p.name for p in tmp_path.iterdir()] == ["c"], "no temporary files left behind"
     cache = open_cache(tmp_path / "c")
     assert cache["ids"].dtype == np.uint16 and cache["logp"].dtype == np.float16
-    assert cache["ids"].shape == (203, k) and cache["tail"].shape == (203,)
-    # Each row equals the teacher's top-k at that position in the window that covered it.
-    for s, keep in covering_windows(len(tokens), block):
-        x = torch.from_numpy(tokens[s:s + block].astype(np.int64))[None]
-        ids, logp, tail = (a[0, keep - s:].numpy() for a in teacher_topk(teacher, x, k, 1.5))
-        assert (cache["ids"][keep:s + block] == ids).all()
-        assert np.allclose(cache["logp"][keep:s + block], logp, atol=1e-2), "fp16 log-probs"
-        assert np.allclose(cache["tail"][keep:s + block], tail, atol=1e-6)
-    # A cached batch reads the rows of the same windows as get_batch.
-    x, labels, ids, logp, tail = get_cached_batch(tokens, cache, step=3, batch_size=2, block_size=block, seed=7)
-    for row in range(2):
-        start = int(np.flatnonzero(np.all(np.lib.stride_tricks.sliding_window_view(tokens, block)
-                                          == x[row].numpy(), axis=1))[0])
-        assert (ids[row].numpy() == cache["ids"][start:start + block]).all()
-        assert (tail[row].numpy() == cache["tail"][start:start + block]).all()
+    assert cache["ids"].shape == (steps * B, block, k) and cache["tail"].shape == (steps * B, block)
+    for step in range(steps):
+        x, labels, ids, logp, tail = get_cached_batch(tokens, cache, step, B, block, seed)
+        assert torch.equal(x, get_batch(tokens, step, B, block, seed)[0]), "the cached batch is get_batch's"
+        # Each row is the teacher on exactly the student's window: the same context at every position.
+        ref_ids, ref_logp, ref_tail = teacher_topk(teacher, x, k, 1.5)
+        assert torch.equal(ids, ref_ids), f"step {step}: top-k ids of the student's own windows"
+        assert torch.allclose(logp, ref_logp, atol=1e-2), "fp16 log-probs"
+        assert torch.allclose(tail, ref_tail, atol=1e-6)
+
+
+def test_topk_cache_with_k_equal_to_v_trains_like_online_kd(tmp_path):
+    """An offline run from a k = V cache is online KD to float rounding: same windows, same teacher context."""
+    torch.manual_seed(0)
+    V, block, B = 40, 16, 4
+    teacher = Transformer(ModelConfig(vocab_size=V, n_layer=1, n_embd=16, n_head=2, n_kv_head=1,
+                                      max_seq_len=block)).eval()
+    tokens = np.random.default_rng(1).integers(0, V, 300).astype(np.int32)
+    build_cache(tmp_path / "c", teacher, tokens, k=V, temperature=2.0, steps=3, batch_size=B, block_size=block,
+                seed=0, device="cpu", dtype="fp32", meta={})
+    cache = open_cache(tmp_path / "c")
+    student = Transformer(ModelConfig(vocab_size=V, n_layer=1, n_embd=8, n_head=2, n_kv_head=1, max_seq_len=block))
+    for step in range(3):
+        x, labels, ids, logp, tail = get_cached_batch(tokens, cache, step, B, block, 0)
+        s_logits = student(x)["logits"]
+        with torch.no_grad():
+            online = kd_loss(s_logits, teacher(x)["logits"], labels, temperature=2.0)
+        offline = topk_kd_loss(s_logits, ids, logp, tail, labels, temperature=2.0)
+        assert torch.allclose(offline, online, rtol=1e-3, atol=1e-4), f"step {step}: {offline} vs online {online}"
 
 
 def test_script_trains_a_student_from_a_topk_cache(tmp_path):
