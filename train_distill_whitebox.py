@@ -59,6 +59,9 @@ def parse_args():
                    help="lambda_a, weight of the MiniLM attention/value relation loss (last layer)")
     p.add_argument("--attn_heads", type=int, default=4, help="relation heads of the attention loss")
     p.add_argument("--no_baseline", action="store_true", help="skip the CE-only baseline student")
+    p.add_argument("--flops_matched", action="store_true",
+                   help="also train a CE-only baseline for as many FLOPs as distillation spent: steps * (student "
+                        "training + teacher forward FLOPs) / student training FLOPs (offline KD: the same steps)")
     p.add_argument("--cache_teacher_topk", type=int, default=0,
                    help="offline KD: cache the teacher's top-K log-probs of every train position once "
                         "(out_dir/topk_kK), then train with no teacher in memory; 0 = online KD")
@@ -204,6 +207,27 @@ def main():
                                     tokenizer_sha256=tok.sha256,
                                     eval_fn=lambda: evaluate(baseline, val_batches, args.device, args.dtype))
         models["baseline"] = baseline
+    if args.flops_matched:
+        # Equal compute: a KD step also pays for the teacher's forward pass (none per step when offline: the
+        # cache was paid for once). The losses' own FLOPs are small next to the models' and are not counted.
+        teacher_flops = 0 if args.cache_teacher_topk else teacher.flops_per_token(args.block_size, training=False)
+        student_flops = student.flops_per_token(args.block_size)
+        fm_steps = round(args.steps * (student_flops + teacher_flops) / student_flops)
+        print(f"FLOPs-matched baseline: {fm_steps} CE steps = {args.steps} KD steps x "
+              f"{(student_flops + teacher_flops) / student_flops:.2f} (student + teacher forward FLOPs / student's)")
+        fm = Transformer(student.config).to(args.device)
+        fm.load_state_dict(init_state)
+        fm_fwd = torch.compile(fm) if args.compile else fm
+
+        def fm_step(x, labels, *_):
+            loss = cross_entropy(fm_fwd(x)["logits"], labels)
+            return loss, {"loss": loss}
+
+        train_s["baseline_flops_matched"] = train(
+            fm, fm_step, batch_fn, args, name="baseline_flops_matched", steps=fm_steps, lr=args.lr,
+            ckpt_path=out_dir / "baseline_flops_matched.pt", logger=logger, tokenizer_sha256=tok.sha256,
+            eval_fn=lambda: evaluate(fm, val_batches, args.device, args.dtype))
+        models["baseline_flops_matched"] = fm
 
     # ------------------------------------------------------------------------------------------------------
     # evaluate: the same validation windows for all three
@@ -214,17 +238,20 @@ def main():
         report[name] = evaluate(model, val_batches, args.device, args.dtype, teacher=teacher)
         report[name]["params"] = model.num_params()
         report[name]["train_s"] = train_s.get(name)
+    if "baseline_flops_matched" in report:
+        report["baseline_flops_matched"]["steps"] = fm_steps
     if "baseline" in report:
         l_t, l_s, l_b = (report[k]["val_loss"] for k in ("teacher", "student", "baseline"))
         report["gap_closed"] = (l_b - l_s) / (l_b - l_t) if l_b != l_t else None
     report["wall_s"] = time.perf_counter() - t_start
     report["args"] = vars(args)
 
-    print(f"\n{'model':<9} {'params':>8} {'val loss':>9} {'val ppl':>8} {'top1 agr':>9} {'KL(T||m)':>9} "
+    w = max(9, *map(len, models))  # the name column fits "baseline_flops_matched" when it is there
+    print(f"\n{'model':<{w}} {'params':>8} {'val loss':>9} {'val ppl':>8} {'top1 agr':>9} {'KL(T||m)':>9} "
           f"{'fwd tok/s':>10}")
     for name in models:
         r = report[name]
-        print(f"{name:<9} {r['params'] / 1e6:>7.2f}M {r['val_loss']:>9.4f} {r['val_ppl']:>8.2f} "
+        print(f"{name:<{w}} {r['params'] / 1e6:>7.2f}M {r['val_loss']:>9.4f} {r['val_ppl']:>8.2f} "
               f"{r['top1_agreement']:>9.3f} {r['kl_from_teacher']:>9.4f} {r['fwd_tok_s']:>10,.0f}")
     if report.get("gap_closed") is not None:
         print(f"share of the teacher gap closed by distillation: {report['gap_closed']:.1%} "

@@ -47,10 +47,21 @@ def test_default_flow_writes_the_report(first_run):
 
 def test_second_run_reuses_the_teacher(first_run):
     out, _ = first_run
-    r = run(*TINY, "--out_dir", str(out), "--no_baseline", "--divergence", "jsd", "--init", "random")
+    r = run(*TINY, "--out_dir", str(out), "--no_baseline", "--divergence", "jsd", "--init", "random",
+            "--flops_matched")
     assert r.returncode == 0, r.stderr
     assert "pretraining" not in r.stdout
-    assert "baseline" not in json.loads((out / "whitebox_report.json").read_text())
+    report = json.loads((out / "whitebox_report.json").read_text())
+    assert "baseline" not in report
+    # Equal compute, counted by hand for TINY (V=320, T=32): a KD step's FLOPs per token are the student's
+    # training FLOPs (6 * matmul weights + 12 * L * C * T) plus the teacher's forward (2 * weights + 4 * L * C * T).
+    V, T = 320, 32
+    student_w = V * 16 + 16 * (16 + 8 + 8 + 16) + 3 * 16 * 64           # head, q k v o, SwiGLU (64 = 8/3*16 up to 64)
+    teacher_w = V * 32 + 2 * (32 * (32 + 16 + 16 + 32) + 3 * 32 * 128)  # 2 blocks, SwiGLU width 128
+    s_train, t_fwd = 6 * student_w + 12 * 1 * 16 * T, 2 * teacher_w + 4 * 2 * 32 * T
+    assert report["baseline_flops_matched"]["steps"] == round(4 * (s_train + t_fwd) / s_train)
+    assert {rec["run"] for rec in map(json.loads, (out / "whitebox_log.jsonl").read_text().splitlines())} \
+        >= {"baseline_flops_matched"}, "the FLOPs-matched baseline trains and logs"
 
 
 def test_bad_inputs_give_one_line_errors(first_run, tmp_path, one_line_error):
