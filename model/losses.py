@@ -10,7 +10,8 @@ Conventions shared by every function here:
   padding changes nothing and a batch split into micro-batches weighted by their share of real positions
   gives the same loss and gradient as the whole batch.
 - Softmaxes are taken in fp32 whatever the autocast dtype: log-probs of a 2k-32k vocabulary in bf16 lose
-  the small probabilities that soft targets are all about.
+  the small probabilities that soft targets are all about. The one matmul here (the attention relations)
+  runs with autocast off, because autocast casts a matmul down to bf16 even when its inputs are fp32.
 """
 
 import math
@@ -197,14 +198,17 @@ def relation_logp(a, b, n_rel_heads: int, valid):
     """Scaled dot-product relations between positions, as log-probs. a, b: (B, H, T, D) per-head
     projections; they are concatenated over heads and re-split into n_rel_heads relation heads (MiniLMv2),
     so a teacher and a student with different widths and head counts give relations of the same shape.
-    valid: (T, T) bool, which keys each query may see. Returns (B, R, T, T) log-softmax over keys, fp32."""
+    valid: (T, T) bool, which keys each query may see. Returns (B, R, T, T) log-softmax over keys, fp32.
+    Autocast is off in here: it would run the matmul in bf16 even on .float() inputs, and at init the
+    relation KL (~3e-4) is smaller than bf16's rounding of the scores."""
     B, H, T, D = a.shape
-    a = a.transpose(1, 2).reshape(B, T, n_rel_heads, -1).transpose(1, 2).float()    # (B, R, T, H*D/R)
-    b = b.transpose(1, 2).reshape(B, T, n_rel_heads, -1).transpose(1, 2).float()    # (B, R, T, H*D/R)
-    scores = a @ b.transpose(-1, -2) / a.size(-1) ** 0.5                             # (B, R, T, T)
-    # A finite fill, not -inf: masked entries then get p = 0 and a finite log p, so p * (log p - log q)
-    # is exactly 0 there and no nan (-inf - -inf) can reach the gradient.
-    return scores.masked_fill(~valid, torch.finfo(scores.dtype).min).log_softmax(-1)
+    with torch.autocast(device_type=a.device.type, enabled=False):
+        a = a.transpose(1, 2).reshape(B, T, n_rel_heads, -1).transpose(1, 2).float()    # (B, R, T, H*D/R)
+        b = b.transpose(1, 2).reshape(B, T, n_rel_heads, -1).transpose(1, 2).float()    # (B, R, T, H*D/R)
+        scores = a @ b.transpose(-1, -2) / a.size(-1) ** 0.5                             # (B, R, T, T)
+        # A finite fill, not -inf: masked entries then get p = 0 and a finite log p, so p * (log p - log q)
+        # is exactly 0 there and no nan (-inf - -inf) can reach the gradient.
+        return scores.masked_fill(~valid, torch.finfo(scores.dtype).min).log_softmax(-1)
 
 
 def attention_relation_loss(student_qkv, teacher_qkv, labels, n_rel_heads: int):
