@@ -112,7 +112,8 @@ class ChunkedKD(torch.autograd.Function):
     logits right away (autograd on that chunk only) and keeps just that gradient, (B, T, V) in the
     logits' dtype, which the backward returns. Extra memory: that gradient (which the backward would
     create anyway) plus one chunk's temporaries. Works for every divergence; loss and gradient equal the
-    dense ones up to float rounding."""
+    dense ones up to float rounding. fp16 logits get an fp32 gradient buffer: the gradient is kept before
+    the backward multiplies in fp16's loss scale (model/train.py), and unscaled it would underflow."""
 
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, labels, kind, temperature, beta, skew, chunk_size):
@@ -122,7 +123,8 @@ class ChunkedKD(torch.autograd.Function):
         rows = real.flatten().nonzero().squeeze(1)                                   # (N,) into B*T
         n = max(rows.numel(), 1)
         s_all, t_all = student_logits.reshape(B * T, V), teacher_logits.reshape(B * T, V)  # views
-        grad = torch.zeros_like(s_all)                                                # (B*T, V)
+        grad_dtype = torch.float32 if s_all.dtype == torch.float16 else s_all.dtype
+        grad = torch.zeros_like(s_all, dtype=grad_dtype)                              # (B*T, V)
         total = torch.zeros((), dtype=torch.float32, device=student_logits.device)
         for idx in rows.split(chunk_size):
             with torch.enable_grad():
@@ -133,7 +135,7 @@ class ChunkedKD(torch.autograd.Function):
             grad[idx] = (g * (temperature ** 2 / n)).to(grad.dtype)
             total += d.detach()
         ctx.save_for_backward(grad)
-        ctx.logits_shape = student_logits.shape
+        ctx.logits_shape, ctx.logits_dtype = student_logits.shape, student_logits.dtype
         return total * (temperature ** 2 / n)
 
     @staticmethod
@@ -141,7 +143,7 @@ class ChunkedKD(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         # In place: without retain_graph a backward runs once, so the saved gradient can be reused, which
         # saves another (B, T, V).
-        return (grad.mul_(grad_out).view(ctx.logits_shape),) + (None,) * 7
+        return (grad.mul_(grad_out).view(ctx.logits_shape).to(ctx.logits_dtype),) + (None,) * 7
 
 
 def topk_kd_loss(student_logits, teacher_ids, teacher_logp, teacher_tail_logp, labels, kind: str = "forward_kl",
