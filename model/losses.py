@@ -172,8 +172,10 @@ def topk_kd_loss(student_logits, teacher_ids, teacher_logp, teacher_tail_logp, l
 
 def layer_map(n_student: int, n_teacher: int):
     """Evenly spaced student->teacher layer pairs over the block outputs: student block i (1..Ls) learns
-    from teacher block round(i * Lt / Ls), so the last block always maps to the last block."""
-    return [(i, round(i * n_teacher / n_student)) for i in range(1, n_student + 1)]
+    from teacher block ceil(i * Lt / Ls), the first teacher block at or past its relative depth i/Ls. So
+    the last block maps to the last block, the pairs are monotone, and no block maps to the embeddings
+    (hidden state 0), which round() would pick for Ls > Lt (round(1 * 2 / 4) = 0)."""
+    return [(i, -(-i * n_teacher // n_student)) for i in range(1, n_student + 1)]  # integer ceil, no float error
 
 
 def hidden_loss(student_states, teacher_states, labels, kind: str = "mse"):

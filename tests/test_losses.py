@@ -122,6 +122,19 @@ def test_layer_map_is_evenly_spaced_and_ends_at_the_top():
     assert layer_map(2, 4) == [(1, 2), (2, 4)]
     assert layer_map(3, 6) == [(1, 2), (2, 4), (3, 6)]
     assert layer_map(4, 4) == [(1, 1), (2, 2), (3, 3), (4, 4)]
+    # more student blocks than teacher blocks, or uneven ratios: block i maps to the first teacher block at
+    # or past its relative depth i/Ls, never to the embeddings (hidden state 0)
+    assert layer_map(4, 2) == [(1, 1), (2, 1), (3, 2), (4, 2)]
+    assert layer_map(3, 4) == [(1, 2), (2, 3), (3, 4)]
+    assert layer_map(8, 2) == [(1, 1), (2, 1), (3, 1), (4, 1), (5, 2), (6, 2), (7, 2), (8, 2)]
+    assert layer_map(3, 1) == [(1, 1), (2, 1), (3, 1)]
+    for n_s in range(1, 9):
+        for n_t in range(1, 9):
+            pairs = layer_map(n_s, n_t)
+            teacher = [j for _, j in pairs]
+            assert [i for i, _ in pairs] == list(range(1, n_s + 1)) and pairs[-1] == (n_s, n_t), (n_s, n_t)
+            assert all(1 <= j <= n_t for j in teacher), f"{n_s}, {n_t}: {pairs} maps outside the blocks"
+            assert teacher == sorted(teacher), f"{n_s}, {n_t}: {pairs} is not monotone"
 
 
 def test_attention_relation_loss_across_widths():
