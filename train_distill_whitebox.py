@@ -16,6 +16,7 @@ same student with CE only as a baseline (same init, same batches, same steps), a
 
 import json
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -44,7 +45,8 @@ def parse_args():
     p.add_argument("--n_head", type=int, default=4, help="student query heads")
     p.add_argument("--n_kv_head", type=int, default=2, help="student key/value heads")
     p.add_argument("--init", default="random", choices=["random", "teacher"],
-                   help="student init: random, or every other teacher layer (DistilBERT; needs equal widths)")
+                   help="student init: random, or every other teacher layer (DistilBERT; needs the "
+                        "teacher's shape in all but depth)")
     # distillation
     p.add_argument("--alpha", type=float, default=0.1, help="weight of the hard-label CE; 1-alpha goes to KD")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature T of the KD term")
@@ -98,10 +100,16 @@ def parse_layer_map(spec, n_student: int, n_teacher: int):
 
 
 def init_from_teacher(student, teacher):
-    """DistilBERT's init: student block i copies teacher block 2i; embeddings and final norm copied too."""
-    if student.config.n_embd != teacher.config.n_embd:
-        raise UserError(f"--init teacher needs equal widths (student {student.config.n_embd}, "
-                        f"teacher {teacher.config.n_embd})")
+    """DistilBERT's init: student block i copies teacher block 2i; embeddings and final norm copied too.
+    The configs must match in everything but depth and max_seq_len (RoPE tables are not weights): other
+    head counts can give the very same weight shapes (4 heads of 8 vs 2 heads of 16), which would load
+    silently into a different function, and other sizes would fail in load_state_dict."""
+    s, t = student.config, teacher.config
+    diffs = [f"{f.name} {getattr(s, f.name)} (teacher {getattr(t, f.name)})" for f in fields(ModelConfig)
+             if f.name not in ("n_layer", "max_seq_len") and getattr(s, f.name) != getattr(t, f.name)]
+    if diffs:
+        raise UserError(f"--init teacher copies the teacher's blocks, so the student must match it in all but "
+                        f"depth: {', '.join(diffs)} (use the teacher's shape or --init random)")
     student.embed_tokens.load_state_dict(teacher.embed_tokens.state_dict())
     student.norm.load_state_dict(teacher.norm.state_dict())
     for i, block in enumerate(student.layers):

@@ -10,7 +10,8 @@ Conventions shared by every function here:
   padding changes nothing and a batch split into micro-batches weighted by their share of real positions
   gives the same loss and gradient as the whole batch.
 - Softmaxes are taken in fp32 whatever the autocast dtype: log-probs of a 2k-32k vocabulary in bf16 lose
-  the small probabilities that soft targets are all about.
+  the small probabilities that soft targets are all about. The one matmul here (the attention relations)
+  runs with autocast off, because autocast casts a matmul down to bf16 even when its inputs are fp32.
 """
 
 import math
@@ -111,7 +112,8 @@ class ChunkedKD(torch.autograd.Function):
     logits right away (autograd on that chunk only) and keeps just that gradient, (B, T, V) in the
     logits' dtype, which the backward returns. Extra memory: that gradient (which the backward would
     create anyway) plus one chunk's temporaries. Works for every divergence; loss and gradient equal the
-    dense ones up to float rounding."""
+    dense ones up to float rounding. fp16 logits get an fp32 gradient buffer: the gradient is kept before
+    the backward multiplies in fp16's loss scale (model/train.py), and unscaled it would underflow."""
 
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, labels, kind, temperature, beta, skew, chunk_size):
@@ -121,7 +123,8 @@ class ChunkedKD(torch.autograd.Function):
         rows = real.flatten().nonzero().squeeze(1)                                   # (N,) into B*T
         n = max(rows.numel(), 1)
         s_all, t_all = student_logits.reshape(B * T, V), teacher_logits.reshape(B * T, V)  # views
-        grad = torch.zeros_like(s_all)                                                # (B*T, V)
+        grad_dtype = torch.float32 if s_all.dtype == torch.float16 else s_all.dtype
+        grad = torch.zeros_like(s_all, dtype=grad_dtype)                              # (B*T, V)
         total = torch.zeros((), dtype=torch.float32, device=student_logits.device)
         for idx in rows.split(chunk_size):
             with torch.enable_grad():
@@ -132,7 +135,7 @@ class ChunkedKD(torch.autograd.Function):
             grad[idx] = (g * (temperature ** 2 / n)).to(grad.dtype)
             total += d.detach()
         ctx.save_for_backward(grad)
-        ctx.logits_shape = student_logits.shape
+        ctx.logits_shape, ctx.logits_dtype = student_logits.shape, student_logits.dtype
         return total * (temperature ** 2 / n)
 
     @staticmethod
@@ -140,7 +143,7 @@ class ChunkedKD(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         # In place: without retain_graph a backward runs once, so the saved gradient can be reused, which
         # saves another (B, T, V).
-        return (grad.mul_(grad_out).view(ctx.logits_shape),) + (None,) * 7
+        return (grad.mul_(grad_out).view(ctx.logits_shape).to(ctx.logits_dtype),) + (None,) * 7
 
 
 def topk_kd_loss(student_logits, teacher_ids, teacher_logp, teacher_tail_logp, labels, kind: str = "forward_kl",
@@ -169,8 +172,10 @@ def topk_kd_loss(student_logits, teacher_ids, teacher_logp, teacher_tail_logp, l
 
 def layer_map(n_student: int, n_teacher: int):
     """Evenly spaced student->teacher layer pairs over the block outputs: student block i (1..Ls) learns
-    from teacher block round(i * Lt / Ls), so the last block always maps to the last block."""
-    return [(i, round(i * n_teacher / n_student)) for i in range(1, n_student + 1)]
+    from teacher block ceil(i * Lt / Ls), the first teacher block at or past its relative depth i/Ls. So
+    the last block maps to the last block, the pairs are monotone, and no block maps to the embeddings
+    (hidden state 0), which round() would pick for Ls > Lt (round(1 * 2 / 4) = 0)."""
+    return [(i, -(-i * n_teacher // n_student)) for i in range(1, n_student + 1)]  # integer ceil, no float error
 
 
 def hidden_loss(student_states, teacher_states, labels, kind: str = "mse"):
@@ -197,14 +202,17 @@ def relation_logp(a, b, n_rel_heads: int, valid):
     """Scaled dot-product relations between positions, as log-probs. a, b: (B, H, T, D) per-head
     projections; they are concatenated over heads and re-split into n_rel_heads relation heads (MiniLMv2),
     so a teacher and a student with different widths and head counts give relations of the same shape.
-    valid: (T, T) bool, which keys each query may see. Returns (B, R, T, T) log-softmax over keys, fp32."""
+    valid: (T, T) bool, which keys each query may see. Returns (B, R, T, T) log-softmax over keys, fp32.
+    Autocast is off in here: it would run the matmul in bf16 even on .float() inputs, and at init the
+    relation KL (~3e-4) is smaller than bf16's rounding of the scores."""
     B, H, T, D = a.shape
-    a = a.transpose(1, 2).reshape(B, T, n_rel_heads, -1).transpose(1, 2).float()    # (B, R, T, H*D/R)
-    b = b.transpose(1, 2).reshape(B, T, n_rel_heads, -1).transpose(1, 2).float()    # (B, R, T, H*D/R)
-    scores = a @ b.transpose(-1, -2) / a.size(-1) ** 0.5                             # (B, R, T, T)
-    # A finite fill, not -inf: masked entries then get p = 0 and a finite log p, so p * (log p - log q)
-    # is exactly 0 there and no nan (-inf - -inf) can reach the gradient.
-    return scores.masked_fill(~valid, torch.finfo(scores.dtype).min).log_softmax(-1)
+    with torch.autocast(device_type=a.device.type, enabled=False):
+        a = a.transpose(1, 2).reshape(B, T, n_rel_heads, -1).transpose(1, 2).float()    # (B, R, T, H*D/R)
+        b = b.transpose(1, 2).reshape(B, T, n_rel_heads, -1).transpose(1, 2).float()    # (B, R, T, H*D/R)
+        scores = a @ b.transpose(-1, -2) / a.size(-1) ** 0.5                             # (B, R, T, T)
+        # A finite fill, not -inf: masked entries then get p = 0 and a finite log p, so p * (log p - log q)
+        # is exactly 0 there and no nan (-inf - -inf) can reach the gradient.
+        return scores.masked_fill(~valid, torch.finfo(scores.dtype).min).log_softmax(-1)
 
 
 def attention_relation_loss(student_qkv, teacher_qkv, labels, n_rel_heads: int):

@@ -38,14 +38,16 @@ def make_optimizer(params, lr: float, weight_decay: float, device: str):
 # ----------------------------------------------------------------------------------------------------------
 # checkpoints: one dict {model, optimizer, model_config, args, step, ...}, written atomically
 
-def save_checkpoint(path, model, optimizer, args, step: int, tokenizer_sha256: str, aux=None):
+def save_checkpoint(path, model, optimizer, args, step: int, tokenizer_sha256: str, aux=None, scaler=None):
     """aux holds training-only modules (the KD hidden-state projection) that resuming needs but the
-    saved model does not include."""
+    saved model does not include; scaler, fp16's loss scale (see train), is kept when it is in use."""
     ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
             "model_config": model.config.to_dict(), "args": vars(args), "step": step,
             "tokenizer_sha256": tokenizer_sha256}
     if aux is not None:
         ckpt["aux"] = aux.state_dict()
+    if scaler is not None and scaler.is_enabled():
+        ckpt["scaler"] = scaler.state_dict()
     atomic_torch_save(ckpt, path)
 
 
@@ -105,9 +107,14 @@ def train(model, loss_fn, batch_fn, args, *, name: str, steps: int, lr: float, c
     weighted by its share of the batch's real target positions, so the summed gradient equals the gradient
     of the whole batch's mean loss (a plain 1/grad_accum would weight padded micro-batches wrongly).
     With args.resume and an existing checkpoint, training continues from its step with its optimizer state.
-    eval_fn(), if given, runs every args.eval_interval steps and returns {metric: float} for the log."""
+    eval_fn(), if given, runs every args.eval_interval steps and returns {metric: float} for the log.
+    With args.dtype fp16 the loss is scaled before each backward (torch.amp.GradScaler): fp16's smallest
+    number is 6e-8, and the per-logit gradients of a mean over thousands of positions fall below it and
+    become 0. The scale (2^16 at first) is halved, and the step skipped, whenever the scaled gradients
+    overflow. bf16 has fp32's range and needs no scaling: for fp32 and bf16 the scaler is off, a no-op."""
     params = list(model.parameters()) + (list(aux.parameters()) if aux is not None else [])
     optimizer = make_optimizer(params, lr, args.weight_decay, args.device)
+    scaler = torch.amp.GradScaler(args.device.split(":")[0], enabled=args.dtype == "fp16")
     start = 0
     if args.resume and Path(ckpt_path).is_file():
         ckpt = load_checkpoint(ckpt_path, "--resume")
@@ -115,6 +122,8 @@ def train(model, loss_fn, batch_fn, args, *, name: str, steps: int, lr: float, c
         optimizer.load_state_dict(ckpt["optimizer"])
         if aux is not None:
             aux.load_state_dict(ckpt["aux"])
+        if scaler.is_enabled() and "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
         start = ckpt["step"]
         print(f"[{name}] resumed from {ckpt_path} at step {start}")
     model.train()
@@ -129,11 +138,13 @@ def train(model, loss_fn, batch_fn, args, *, name: str, steps: int, lr: float, c
         for xm, lm, *extra in zip(*(t.chunk(args.grad_accum) for t in batch)):
             with autocast(args.device, args.dtype):
                 loss, parts = loss_fn(xm, lm, *extra)
-            (loss * target_mask(lm).sum() / n_total).backward()
+            scaler.scale(loss * target_mask(lm).sum() / n_total).backward()
             for k, v in parts.items():  # detached running sums: no host sync until a log step
                 sums[k] = sums.get(k, 0.0) + v.detach() * target_mask(lm).sum() / n_total
+        scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
         norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)  # skipped if the scaled gradients overflowed (inf/nan)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         n_logged += 1
         last = step == steps - 1
@@ -157,7 +168,7 @@ def train(model, loss_fn, batch_fn, args, *, name: str, steps: int, lr: float, c
             logger.log(line, record)
             sums, n_logged, t_log = {}, 0, time.perf_counter()
         if (step + 1) % args.ckpt_interval == 0 or last:
-            save_checkpoint(ckpt_path, model, optimizer, args, step + 1, tokenizer_sha256, aux)
+            save_checkpoint(ckpt_path, model, optimizer, args, step + 1, tokenizer_sha256, aux, scaler)
     model.eval()
     return time.perf_counter() - t_start
 
@@ -218,7 +229,7 @@ def add_data_args(parser):
     parser.add_argument("--out_dir", default="out", help="tokenizer, checkpoints, caches, logs and reports go here")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                        help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
+                        help="autocast dtype (fp16 trains with loss scaling); auto = bf16 on CUDA, fp32 on CPU")
 
 
 def add_optim_args(parser, *, steps: int, lr: float, log_interval: int, eval_interval: int):

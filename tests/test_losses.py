@@ -122,6 +122,19 @@ def test_layer_map_is_evenly_spaced_and_ends_at_the_top():
     assert layer_map(2, 4) == [(1, 2), (2, 4)]
     assert layer_map(3, 6) == [(1, 2), (2, 4), (3, 6)]
     assert layer_map(4, 4) == [(1, 1), (2, 2), (3, 3), (4, 4)]
+    # more student blocks than teacher blocks, or uneven ratios: block i maps to the first teacher block at
+    # or past its relative depth i/Ls, never to the embeddings (hidden state 0)
+    assert layer_map(4, 2) == [(1, 1), (2, 1), (3, 2), (4, 2)]
+    assert layer_map(3, 4) == [(1, 2), (2, 3), (3, 4)]
+    assert layer_map(8, 2) == [(1, 1), (2, 1), (3, 1), (4, 1), (5, 2), (6, 2), (7, 2), (8, 2)]
+    assert layer_map(3, 1) == [(1, 1), (2, 1), (3, 1)]
+    for n_s in range(1, 9):
+        for n_t in range(1, 9):
+            pairs = layer_map(n_s, n_t)
+            teacher = [j for _, j in pairs]
+            assert [i for i, _ in pairs] == list(range(1, n_s + 1)) and pairs[-1] == (n_s, n_t), (n_s, n_t)
+            assert all(1 <= j <= n_t for j in teacher), f"{n_s}, {n_t}: {pairs} maps outside the blocks"
+            assert teacher == sorted(teacher), f"{n_s}, {n_t}: {pairs} is not monotone"
 
 
 def test_attention_relation_loss_across_widths():
@@ -142,3 +155,37 @@ def test_attention_relation_loss_across_widths():
     xp, lp = pad(x, 3, 0), pad(labels, 3, IGNORE_INDEX)
     padded = attention_relation_loss(s(xp, attn_layer=-1)["qkv"], t(xp, attn_layer=-1)["qkv"], lp, 4)
     assert torch.allclose(padded, loss, atol=1e-5)
+
+
+def test_attention_relation_loss_is_fp32_under_bf16_autocast():
+    """The relations' dot products must not run in bf16: autocast would cast a @ b^T down even for fp32
+    inputs, and at init the relation KL (~3e-4) is smaller than bf16's rounding of the scores."""
+    torch.manual_seed(0)
+    t = Transformer(ModelConfig(vocab_size=32, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, max_seq_len=16))
+    s = Transformer(ModelConfig(vocab_size=32, n_layer=1, n_embd=16, n_head=2, n_kv_head=1, max_seq_len=16))
+    x = torch.randint(0, 32, (2, 12))
+    with torch.no_grad():
+        s_qkv, t_qkv = s(x, attn_layer=-1)["qkv"], t(x, attn_layer=-1)["qkv"]  # fp32 inputs for both runs
+    fp32 = attention_relation_loss(s_qkv, t_qkv, x, n_rel_heads=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_bf16 = attention_relation_loss(s_qkv, t_qkv, x, n_rel_heads=4)
+    assert under_bf16.dtype == torch.float32
+    assert torch.allclose(under_bf16, fp32, rtol=1e-4, atol=0), f"bf16 autocast: {under_bf16} vs fp32 {fp32}"
+
+
+def test_other_losses_are_fp32_under_bf16_autocast():
+    """CE, every KD divergence and the hidden loss under bf16 autocast give their fp32 values, for fp32 and
+    bf16 inputs (no matmul there, and log_softmax of a .float() tensor stays fp32)."""
+    s, t, labels = batch(V=50)
+    for logits_dtype in (torch.float32, torch.bfloat16):
+        sd, td = s.to(logits_dtype), t.to(logits_dtype)
+        losses = {"ce": lambda: cross_entropy(sd, labels),
+                  "mse": lambda: hidden_loss([sd], [td], labels, "mse"),
+                  "cosine": lambda: hidden_loss([sd], [td], labels, "cosine")}
+        for kind in DIVERGENCES:
+            losses[kind] = lambda kind=kind: kd_loss(sd, td, labels, kind, temperature=2.0)
+        for name, fn in losses.items():
+            ref = fn()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got = fn()
+            assert got.dtype == torch.float32 and torch.allclose(got, ref, rtol=1e-6), f"{name} {logits_dtype}"

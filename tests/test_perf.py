@@ -138,3 +138,21 @@ def test_script_trains_a_student_from_a_topk_cache(tmp_path):
     rerun = subprocess.run([sys.executable, "train_distill_whitebox.py", *flags, "--steps", "1"],
                            capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert rerun.returncode == 0 and "top-8 teacher cache: reusing" in rerun.stdout, rerun.stderr[-2000:]
+
+
+def test_chunked_kd_keeps_small_fp16_gradients_for_the_loss_scale():
+    """With fp16 logits, the chunked loss's saved gradient must not underflow before the backward multiplies
+    it by the GradScaler's scale (2^16): a student close to its teacher has per-logit gradients below
+    fp16's smallest number, 6e-8. Scaled, they must match the dense loss's (which scales then casts)."""
+    s, noise, labels = logits_batch()
+    s16 = s.detach().half().requires_grad_()
+    t = s16.detach().float() + 2e-5 * noise  # a teacher close to its student: tiny gradients
+    grads = []
+    for chunk in (0, 7):
+        (grad,) = torch.autograd.grad(kd_loss(s16, t, labels, temperature=2.0, chunk_size=chunk) * 2.0 ** 16, s16)
+        grads.append(grad.float() / 2.0 ** 16)
+    dense, chunked = grads
+    assert dense[dense != 0].abs().median() < 6e-8, "the test needs gradients below fp16's range"
+    lost = ((dense != 0) & (chunked == 0)).sum() / (dense != 0).sum()
+    assert lost < 0.01, f"{lost:.0%} of the chunked fp16 gradient underflowed to 0"
+    assert (chunked - dense).norm() < 0.01 * dense.norm(), "chunked fp16 gradient differs from the dense one"

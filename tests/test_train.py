@@ -108,3 +108,39 @@ def test_corrupt_and_mismatched_checkpoints_are_clear_errors(tmp_path, tok):
             "tokenizer_sha256": "something else"}
     with pytest.raises(UserError, match="another tokenizer"):
         model_from_checkpoint(ckpt, tmp_path / "t.pt", "--teacher", tok)
+
+
+def one_step(dtype, monkeypatch, tmp_path):
+    """One train() step of a tiny model on a loss 1e-4 * CE (a lightly weighted term): returns the gradients
+    clip_grad_norm_ sees (those the optimizer steps with) and the weights after the step."""
+    seen = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(params, max_norm):
+        seen.append([p.grad.clone() for p in params])
+        return clip(params, max_norm)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+    model = tiny_model(64)
+    x = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+
+    def small_loss(xb, labels):
+        loss = 1e-4 * cross_entropy(model(xb)["logits"], labels)
+        return loss, {"loss": loss}
+
+    train(model, small_loss, lambda step: (x, x.clone()), loop_args(dtype=dtype), name=dtype, steps=1, lr=1e-3,
+          ckpt_path=tmp_path / f"{dtype}.pt", logger=Logger(tmp_path / "log.jsonl"), tokenizer_sha256="abc")
+    return seen[0], [p.detach() for p in model.parameters()]
+
+
+def test_fp16_gradients_match_fp32_thanks_to_loss_scaling(monkeypatch, tmp_path):
+    """fp16's smallest number is 6e-8: without loss scaling, the logit gradients of a small loss underflow to
+    0 in the fp16 backward and the weights barely move. With the GradScaler they match fp32's."""
+    g32, w32 = one_step("fp32", monkeypatch, tmp_path)
+    g16, w16 = one_step("fp16", monkeypatch, tmp_path)
+    for a, b in zip(g32, g16):
+        assert (b - a).norm() <= 1e-2 * a.norm(), f"fp16 gradient off by {((b - a).norm() / a.norm()):.1%}"
+    for w0, a, b in zip(tiny_model(64).parameters(), w32, w16):  # the step was taken, not skipped
+        assert (b - a).norm() <= 0.05 * (a - w0).norm(), "the fp16 step must move the weights like the fp32 step"
+    assert load_checkpoint(tmp_path / "fp16.pt", "--x")["scaler"]["scale"] == 2.0 ** 16, "--resume needs the scale"
+    assert "scaler" not in load_checkpoint(tmp_path / "fp32.pt", "--x"), "fp32 has no loss scale"
