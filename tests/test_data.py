@@ -91,5 +91,24 @@ def test_split_batches_are_deterministic_and_hold_out_validation(tok):
         tokenize_split(["tiny"], tok, block_size=64, val_fraction=0.1)
 
 
+@pytest.mark.parametrize("val_fraction,block_size", [(0.1, 16), (0.01, 16)])
+def test_split_is_the_stream_cut_once_with_validation_last(tok, val_fraction, block_size):
+    """train + val must be the whole EOS-joined stream cut at one point, validation being its last
+    max(int(n * val_fraction), block_size + 1) tokens: no validation token may reach the train split."""
+    docs = ["story one. " * 50, "story two. " * 50, "a third, shorter story."]
+    stream = []  # the reference stream, built by hand: each document's ids, then EOS
+    for d in docs:
+        stream += tok.encode(d) + [tok.eos_id]
+    n = len(stream)
+    n_val = max(int(n * val_fraction), block_size + 1)
+    # the two cases exercise both branches of the max: the fraction, then the one-window minimum
+    assert (n_val > block_size + 1) == (val_fraction == 0.1), f"test setup: n={n}, n_val={n_val}"
+    train, val = tokenize_split(docs, tok, block_size=block_size, val_fraction=val_fraction)
+    assert len(train) + len(val) == n, f"train ({len(train)}) + val ({len(val)}) must be the {n} tokens, no overlap"
+    assert len(val) == n_val, f"validation is the last max(int(n*f), T+1) = {n_val} tokens, got {len(val)}"
+    assert train.tolist() == stream[:n - n_val], "train is the stream's first n - n_val tokens, in order"
+    assert val.tolist() == stream[n - n_val:], "validation is the stream's last n_val tokens, in order"
+
+
 def torch_equal(a, b):
     return np.array_equal(a.numpy(), b.numpy())

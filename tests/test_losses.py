@@ -1,6 +1,8 @@
 """Loss functions: divergence identities, masking/padding invariance, micro-batch invariance, hidden and
 attention losses. Run: python -m pytest tests/test_losses.py"""
 
+import math
+
 import pytest
 import torch
 
@@ -189,3 +191,99 @@ def test_other_losses_are_fp32_under_bf16_autocast():
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 got = fn()
             assert got.dtype == torch.float32 and torch.allclose(got, ref, rtol=1e-6), f"{name} {logits_dtype}"
+
+
+def naive_kl(p_logits, q_logits):
+    """KL(softmax(p) || softmax(q)) of two lists of floats, by hand in float64."""
+    def log_softmax(z):
+        m = max(z)
+        lse = m + math.log(sum(math.exp(v - m) for v in z))
+        return [v - lse for v in z]
+    lp, lq = log_softmax(p_logits), log_softmax(q_logits)
+    return sum(math.exp(a) * (a - b) for a, b in zip(lp, lq))
+
+
+def naive_relation_loss(student_qkv, teacher_qkv, labels, R):
+    """attention_relation_loss by loops: for each (q, k) and (v, v) pair, each example, each real query
+    position i (label i+1 not ignored) and each relation head r (the H heads concatenated, then cut into R
+    equal slices): softmax over the keys j <= i of a_r[i] . b_r[j] / sqrt(d_r), KL(teacher || student);
+    averaged over relation heads and real positions, the two terms summed."""
+    def rel_vectors(x, b, i):  # (B, H, T, D) -> the R relation-head slices of position i of example b
+        cat = [float(v) for h in range(x.size(1)) for v in x[b, h, i]]
+        d = len(cat) // R
+        return [cat[r * d:(r + 1) * d] for r in range(R)]
+
+    def scores(a, b_, bi, i):
+        qa = rel_vectors(a, bi, i)
+        keys = [rel_vectors(b_, bi, j) for j in range(i + 1)]
+        return [[sum(x * y for x, y in zip(qa[r], keys[j][r])) / math.sqrt(len(qa[r])) for j in range(i + 1)]
+                for r in range(R)]
+
+    (qs, ks, vs), (qt, kt, vt) = student_qkv, teacher_qkv
+    B, T = labels.shape
+    real = [(b, i) for b in range(B) for i in range(T - 1) if labels[b, i + 1] != IGNORE_INDEX]
+    total = 0.0
+    for (a_s, b_s), (a_t, b_t) in (((qs, ks), (qt, kt)), ((vs, vs), (vt, vt))):
+        term = 0.0
+        for b, i in real:
+            s_sc, t_sc = scores(a_s, b_s, b, i), scores(a_t, b_t, b, i)
+            term += sum(naive_kl(t_sc[r], s_sc[r]) for r in range(R)) / R
+        total += term / len(real)
+    return total
+
+
+def test_attention_relation_loss_matches_a_naive_loop():
+    """Both MiniLM terms, the q-k attention relation and the v-v value relation, each a forward KL
+    teacher || student, across different widths and head counts, with padding."""
+    g = torch.Generator().manual_seed(0)
+    B, T, R = 2, 5, 2
+    student = [torch.randn(B, 2, T, 4, generator=g) * 2 for _ in range(3)]    # H=2, D=4: width 8
+    teacher = [torch.randn(B, 4, T, 4, generator=g) * 2 for _ in range(3)]    # H=4, D=4: width 16
+    labels = torch.randint(0, 9, (B, T), generator=g)
+    labels[1, 3:] = IGNORE_INDEX  # example 1 has real targets only at query positions 0 and 1
+    ref = naive_relation_loss(student, teacher, labels, R)
+    got = attention_relation_loss(student, teacher, labels, n_rel_heads=R).item()
+    assert got == pytest.approx(ref, rel=1e-5), f"attention + value relation KL: got {got}, naive loop {ref}"
+    # the test can tell each term and each KL direction apart
+    q_k_only = naive_relation_loss([student[0], student[1], torch.zeros_like(student[2])],
+                                   [teacher[0], teacher[1], torch.zeros_like(teacher[2])], labels, R)
+    reverse = naive_relation_loss(teacher, student, labels, R)
+    assert abs(ref - q_k_only) > 1e-2 * ref and abs(ref - reverse) > 1e-2 * ref, "test setup: terms must differ"
+
+
+def test_hidden_loss_matches_a_naive_loop():
+    """mse: per position, the mean over the C dims of the squared error; cosine: 1 - cos; each averaged over
+    the real positions, then over the layers."""
+    g = torch.Generator().manual_seed(0)
+    B, T, C = 2, 6, 5
+    s = [torch.randn(B, T, C, generator=g) for _ in range(2)]
+    t = [torch.randn(B, T, C, generator=g) * 3 for _ in range(2)]
+    labels = torch.randint(0, 9, (B, T), generator=g)
+    labels[0, 2:] = IGNORE_INDEX
+    real = [(b, i) for b in range(B) for i in range(T - 1) if labels[b, i + 1] != IGNORE_INDEX]
+    mse = cos = 0.0
+    for sl, tl in zip(s, t):
+        layer_mse = layer_cos = 0.0
+        for b, i in real:
+            x, y = sl[b, i].tolist(), tl[b, i].tolist()
+            layer_mse += sum((a - c) ** 2 for a, c in zip(x, y)) / C
+            dot = sum(a * c for a, c in zip(x, y))
+            layer_cos += 1 - dot / math.sqrt(sum(a * a for a in x) * sum(c * c for c in y))
+        mse += layer_mse / len(real) / len(s)
+        cos += layer_cos / len(real) / len(s)
+    assert hidden_loss(s, t, labels, "mse").item() == pytest.approx(mse, rel=1e-5), \
+        "mse: mean over dims of the squared error, averaged over real positions and layers"
+    assert hidden_loss(s, t, labels, "cosine").item() == pytest.approx(cos, rel=1e-5), \
+        "cosine: 1 - cos, averaged over real positions and layers"
+
+
+@pytest.mark.parametrize("skew", [0.3, 0.9])
+def test_skew_kl_by_hand(skew):
+    """skew_kl = KL(p || skew p + (1 - skew) q), written out with python floats."""
+    p, q = logps()
+    p, q = p.double(), q.double()
+    for row in range(p.size(0)):
+        pp, qq = p[row].exp().tolist(), q[row].exp().tolist()
+        ref = sum(a * math.log(a / (skew * a + (1 - skew) * b)) for a, b in zip(pp, qq))
+        got = divergence(p[row], q[row], "skew_kl", skew=skew).item()
+        assert got == pytest.approx(ref, rel=1e-9, abs=1e-12), f"skew {skew}, row {row}: {got} vs hand {ref}"

@@ -1,8 +1,10 @@
-"""The fast paths and offline distillation: the chunked KD loss equals the dense one, the top-k loss with
-k = V equals the dense one, the top-k cache round-trips, and the script trains from a cache.
+"""The fast paths and offline distillation: the chunked KD loss equals the dense one (also inside a weighted
+sum), the top-k loss with k = V equals the dense one and renormalises fp16 cache rows, the top-k cache
+round-trips, and the script trains from a cache.
 Run: python -m pytest tests/test_perf.py"""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -156,3 +158,45 @@ def test_chunked_kd_keeps_small_fp16_gradients_for_the_loss_scale():
     lost = ((dense != 0) & (chunked == 0)).sum() / (dense != 0).sum()
     assert lost < 0.01, f"{lost:.0%} of the chunked fp16 gradient underflowed to 0"
     assert (chunked - dense).norm() < 0.01 * dense.norm(), "chunked fp16 gradient differs from the dense one"
+
+
+def test_chunked_kd_backward_scales_with_the_incoming_gradient():
+    """The chunked loss is used inside a weighted sum (alpha * ce + (1 - alpha) * kd): its backward must
+    multiply the saved gradient by the gradient flowing in, like any other op."""
+    s, t, labels = logits_batch()
+    # plus another term of the loss, so that the KD term's gradient is not the only one reaching s
+    (dense,) = torch.autograd.grad(3 * kd_loss(s, t, labels, "forward_kl") + s.square().mean(), s)
+    (chunked,) = torch.autograd.grad(3 * kd_loss(s, t, labels, "forward_kl", chunk_size=4) + s.square().mean(), s)
+    assert torch.allclose(chunked, dense, atol=1e-6), "grad of 3 * chunked KD + x must equal the dense one's"
+    (half,) = torch.autograd.grad(0.5 * kd_loss(s, t, labels, "jsd", chunk_size=7), s)
+    (full,) = torch.autograd.grad(kd_loss(s, t, labels, "jsd"), s)
+    assert torch.allclose(half, 0.5 * full, atol=1e-7), "grad of 0.5 * chunked KD is half the dense gradient"
+
+
+def test_topk_loss_renormalises_fp16_rounded_teacher_buckets():
+    """The cache stores the top-k log-probs in fp16, so the k + 1 bucket probabilities read back do not sum to
+    exactly 1. The loss must be the KL from the renormalised buckets, computed here by hand in float64."""
+    B, T, V, k = 2, 6, 12, 4
+    g = torch.Generator().manual_seed(3)
+    t_logits, s_logits = torch.randn(B, T, V, generator=g) * 3, torch.randn(B, T, V, generator=g) * 2
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[1, 4:] = IGNORE_INDEX
+    logp = t_logits.log_softmax(-1)
+    top = logp.topk(k, dim=-1)
+    tail = logp.scatter(-1, top.indices, -torch.inf).logsumexp(-1)                 # fp32, as build_cache stores
+    cached_logp = top.values.half().float()                                        # fp16-rounded, as read back
+    got = topk_kd_loss(s_logits, top.indices, cached_logp, tail, labels).item()
+
+    ref = unnormalised = 0.0
+    real = [(b, i) for b in range(B) for i in range(T - 1) if labels[b, i + 1] != IGNORE_INDEX]
+    for b, i in real:
+        p = [math.exp(v) for v in cached_logp[b, i].double().tolist()] + [math.exp(float(tail[b, i]))]
+        z = [math.exp(v) for v in s_logits[b, i].double().tolist()]
+        q_all = [v / sum(z) for v in z]
+        q = [q_all[j] for j in top.indices[b, i].tolist()]
+        q.append(1 - sum(q))
+        p_norm = [v / sum(p) for v in p]
+        ref += sum(a * math.log(a / c) for a, c in zip(p_norm, q)) / len(real)
+        unnormalised += sum(a * math.log(a / c) for a, c in zip(p, q)) / len(real)
+    assert abs(unnormalised - ref) > 1e-5, "test setup: fp16 rounding should leave buckets that do not sum to 1"
+    assert got == pytest.approx(ref, abs=2e-6), f"KL from the renormalised teacher buckets: got {got}, hand {ref}"

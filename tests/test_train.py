@@ -1,6 +1,9 @@
-"""Training machinery: overfitting one batch, LR schedule, checkpoint round-trip and exact resume,
-clear errors for corrupt or mismatched checkpoints. Run: python -m pytest tests/test_train.py"""
+"""Training machinery: overfitting one batch, LR schedule, gradient accumulation, checkpoint round-trip and
+exact resume, clear errors for corrupt or mismatched checkpoints, the evaluation metrics against naive
+loops. Run: python -m pytest tests/test_train.py"""
 
+import json
+import math
 from argparse import Namespace
 
 import pytest
@@ -8,9 +11,9 @@ import torch
 
 from model.common import UserError
 from model.data import get_batch
-from model.losses import cross_entropy
+from model.losses import IGNORE_INDEX, cross_entropy
 from model.model import ModelConfig, Transformer
-from model.train import Logger, load_checkpoint, lr_at, model_from_checkpoint, train
+from model.train import Logger, evaluate, load_checkpoint, lr_at, model_from_checkpoint, train
 
 
 def tiny_model(vocab=512):
@@ -144,3 +147,103 @@ def test_fp16_gradients_match_fp32_thanks_to_loss_scaling(monkeypatch, tmp_path)
         assert (b - a).norm() <= 0.05 * (a - w0).norm(), "the fp16 step must move the weights like the fp32 step"
     assert load_checkpoint(tmp_path / "fp16.pt", "--x")["scaler"]["scale"] == 2.0 ** 16, "--resume needs the scale"
     assert "scaler" not in load_checkpoint(tmp_path / "fp32.pt", "--x"), "fp32 has no loss scale"
+
+
+def test_grad_accum_gives_the_same_weights_as_the_whole_batch(tmp_path):
+    """Two micro-batches with very different amounts of padding, each weighted by its share of the batch's
+    real targets, must train exactly like the whole batch at once (a plain 1/grad_accum would not)."""
+    g = torch.Generator().manual_seed(2)
+    data = [torch.randint(0, 64, (4, 16), generator=g) for _ in range(3)]
+
+    def batch_fn(step):
+        x = data[step]
+        labels = x.clone()
+        labels[0, 4:] = IGNORE_INDEX  # micro-batch 1 (rows 0-1): 3 + 8 real targets
+        labels[1, 9:] = IGNORE_INDEX
+        labels[3, 14:] = IGNORE_INDEX  # micro-batch 2 (rows 2-3): 15 + 12
+        return x, labels
+
+    models, logs = {}, {}
+    for accum in (1, 2):
+        model = models[accum] = tiny_model(64)
+
+        def ce(x, labels, model=model):
+            loss = cross_entropy(model(x)["logits"], labels)
+            return loss, {"loss": loss}
+
+        train(model, ce, batch_fn, loop_args(grad_accum=accum, log_interval=1), name=f"a{accum}", steps=3,
+              lr=1e-2, ckpt_path=tmp_path / f"a{accum}.pt", logger=Logger(tmp_path / f"log{accum}.jsonl"),
+              tokenizer_sha256="abc")
+        logs[accum] = [json.loads(line)["loss"] for line in (tmp_path / f"log{accum}.jsonl").read_text().splitlines()]
+    for (name, a), b in zip(models[1].state_dict().items(), models[2].state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), f"{name}: grad_accum=2 must end at grad_accum=1's weights"
+    assert logs[2] == pytest.approx(logs[1], abs=1e-6), "the logged loss is the whole batch's mean either way"
+    assert logs[1][0] == pytest.approx(cross_entropy(tiny_model(64)(data[0])["logits"], batch_fn(0)[1]).item(),
+                                       abs=1e-6), "step 0 logs the initial model's loss on the whole batch"
+
+
+class Bigram(torch.nn.Module):
+    """A model with known weights: the logits at position t are row x_t of a fixed random table."""
+
+    def __init__(self, V, seed, scale=2.0):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(V, V, generator=torch.Generator().manual_seed(seed)) * scale)
+
+    def forward(self, idx):
+        return {"logits": self.table[idx]}
+
+
+def log_softmax(z):
+    m = max(z)
+    lse = m + math.log(sum(math.exp(v - m) for v in z))
+    return [v - lse for v in z]
+
+
+def naive_metrics(model, batches, teacher=None):
+    """evaluate()'s figures by a loop over every real target position (label t+1 not ignored), in floats."""
+    nll = agree = kl = n = 0
+    for x, labels in batches:
+        for b in range(x.size(0)):
+            for t in range(x.size(1) - 1):
+                y = int(labels[b, t + 1])
+                if y == IGNORE_INDEX:
+                    continue
+                lq = log_softmax(model.table[x[b, t]].tolist())
+                nll -= lq[y]
+                n += 1
+                if teacher is not None:
+                    lp = log_softmax(teacher.table[x[b, t]].tolist())
+                    agree += lp.index(max(lp)) == lq.index(max(lq))
+                    kl += sum(math.exp(a) * (a - c) for a, c in zip(lp, lq))  # KL(teacher || model)
+    return nll / n, agree / n, kl / n
+
+
+def test_evaluate_weights_each_batch_by_its_real_tokens():
+    V = 11
+    model = Bigram(V, seed=0)
+    g = torch.Generator().manual_seed(1)
+    x1, x2 = torch.randint(0, V, (2, 8), generator=g), torch.randint(0, V, (3, 8), generator=g)
+    l1 = x1.clone()
+    l1[0, 4:] = IGNORE_INDEX  # 3 + 1 real targets in batch 1, 21 in batch 2
+    l1[1, 2:] = IGNORE_INDEX
+    batches = [(x1, l1), (x2, x2.clone())]
+    ref, _, _ = naive_metrics(model, batches)
+    mean_of_means = sum(cross_entropy(model(x)["logits"], lb).item() for x, lb in batches) / 2
+    assert abs(mean_of_means - ref) > 1e-2, "test setup: the two batches' losses must differ"
+    out = evaluate(model, batches, "cpu", "fp32")
+    assert out["val_loss"] == pytest.approx(ref, abs=1e-5), "val loss is the mean over all real target tokens"
+    assert out["val_ppl"] == pytest.approx(math.exp(ref), rel=1e-5)
+
+
+def test_evaluate_teacher_metrics_match_a_naive_loop():
+    """top1_agreement: share of positions where the argmaxes agree; kl_from_teacher: KL(teacher || model)."""
+    V = 7
+    model, teacher = Bigram(V, seed=0), Bigram(V, seed=1, scale=3.0)
+    g = torch.Generator().manual_seed(2)
+    batches = [(x, x.clone()) for x in (torch.randint(0, V, (2, 9), generator=g), torch.randint(0, V, (1, 9), generator=g))]
+    _, agree, kl = naive_metrics(model, batches, teacher)
+    _, _, reverse = naive_metrics(teacher, batches, model)  # KL(model || teacher)
+    assert abs(kl - reverse) > 0.05 and 0 < agree < 1, "test setup: the directions and argmaxes must differ"
+    out = evaluate(model, batches, "cpu", "fp32", teacher=teacher)
+    assert out["kl_from_teacher"] == pytest.approx(kl, abs=1e-5), f"KL(teacher || model) = {kl:.5f}, not {reverse:.5f}"
+    assert out["top1_agreement"] == pytest.approx(agree, abs=1e-6), "share of positions whose argmaxes agree"
