@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+import train_distill_blackbox as blackbox
 from model.world import N_CHARACTERS, build_world
-from train_distill_blackbox import story_qa
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--n_chars", "60000", "--vocab_size", "320", "--teacher_layers", "2", "--teacher_dim", "32",
@@ -105,7 +105,7 @@ def test_teacher_data_file_in_minimind_format(first_run, tmp_path):
     assert report["samples"][0]["teacher"].startswith("The answer is")
 
 
-def test_bad_inputs_give_one_line_errors(first_run, tmp_path, one_line_error):
+def test_bad_inputs_give_one_line_errors(first_run, tmp_path, one_line_error, parse_in_process):
     out, _ = first_run
     broken = tmp_path / "broken.jsonl"
     minimind_file(broken, 3)
@@ -121,8 +121,9 @@ def test_bad_inputs_give_one_line_errors(first_run, tmp_path, one_line_error):
     minimind_file(good)
     one_line_error(run(*TINY, "--out_dir", str(tmp_path / "o1"), "--vocab_size", "340", "--teacher_data",
                        str(good), "--init", str(out / "blackbox_student.pt")), "--init", "another tokenizer")
-    one_line_error(run("--teacher_api", "http://localhost:1"), "--teacher_model")
-    one_line_error(run("--steps", "0"), "--steps")
+    # bad flags: the parser stops before any work, so these run in-process
+    one_line_error(parse_in_process(blackbox, "--teacher_api", "http://localhost:1"), "--teacher_model")
+    one_line_error(parse_in_process(blackbox, "--steps", "0"), "--steps")
 
 
 def question_names(qa, world):
@@ -135,7 +136,7 @@ def test_story_qa_holds_out_whole_characters(fraction):
     """No held-out character is asked about in the labelled set (the baseline's training data), and the
     held-out share is round(80 * fraction) characters with all their questions."""
     world = build_world(0)
-    labelled, heldout, clozes = story_qa(0, fraction)
+    labelled, heldout, clozes = blackbox.story_qa(0, fraction)
     lab_names, held_names = question_names(labelled, world), question_names(heldout, world)
     assert all(len(n) == 1 for n in lab_names + held_names), "each question is about exactly one character"
     lab, held = set().union(*lab_names), set().union(*held_names)
@@ -144,4 +145,4 @@ def test_story_qa_holds_out_whole_characters(fraction):
     assert lab | held == set(world.characters), "every character is on one side"
     assert len(labelled) == 9 * len(lab) and len(heldout) == 9 * len(held), "all 9 questions of a character"
     assert set(clozes) == {q for q, _ in labelled + heldout}, "a cloze for every question"
-    assert story_qa(0, fraction) == (labelled, heldout, clozes), "the split is deterministic"
+    assert blackbox.story_qa(0, fraction) == (labelled, heldout, clozes), "the split is deterministic"
