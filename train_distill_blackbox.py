@@ -279,6 +279,7 @@ def main():
     train_s["student"] = train(student, sft_loss(student), batches(train_examples, weighted=True), args,
                                name="student", steps=args.steps, lr=args.lr, ckpt_path=out_dir / "blackbox_student.pt",
                                logger=logger, tokenizer_sha256=tok.sha256, eval_fn=ppl_eval(student))
+    gt_examples = []  # the baseline's SFT data: the labelled characters' true answers, never a held-out one's
     if eval_qa and not args.no_baseline:
         baseline = Transformer(student.config).to(args.device)
         baseline.load_state_dict(init_state)
@@ -318,6 +319,7 @@ def main():
             r["accuracy"] = sum(normalize(first_answer[q]) == normalize(a) for q, a in eval_qa) / len(eval_qa)
         report[name] = r
     report.update(n_eval=len(eval_qa), n_train_answers=len(train_examples), n_ppl_answers=len(ppl_examples),
+                  n_baseline_answers=len(gt_examples),
                   teacher_source=teacher_source, wall_s=time.perf_counter() - t_start,
                   samples=[{"prompt": q, "gold": a, **{k: v[i] for k, v in answers.items()}}
                            for i, (q, a) in enumerate(shown)],

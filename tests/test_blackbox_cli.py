@@ -1,13 +1,18 @@
 """End-to-end runs of train_distill_blackbox.py as a user would type them, with tiny flags: the default
 local-teacher flow and its report, reuse of the cache and the chat-tuned teacher, a --teacher_data file in
-minimind's SFT format, and one-line errors for bad input. Run: python -m pytest tests/test_blackbox_cli.py"""
+minimind's SFT format, and one-line errors for bad input; in-process, the split of the story questions by
+character. Run: python -m pytest tests/test_blackbox_cli.py"""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+import train_distill_blackbox as blackbox
+from model.world import N_CHARACTERS, build_world
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--n_chars", "60000", "--vocab_size", "320", "--teacher_layers", "2", "--teacher_dim", "32",
@@ -36,8 +41,11 @@ def test_default_flow_writes_the_report(first_run):
     report = json.loads((out / "blackbox_report.json").read_text())
     for name in ("teacher", "student", "baseline"):
         assert {"accuracy", "answer_ppl", "params"} <= report[name].keys()
-        assert 0 <= report[name]["accuracy"] <= 1 and report[name]["answer_ppl"] > 1
+        hits = report[name]["accuracy"] * 144
+        assert abs(hits - round(hits)) < 1e-9, f"{name}: accuracy is a count of the 144 held-out questions"
+        assert report[name]["answer_ppl"] is not None, f"{name}: perplexity measured on the held-out answers"
     assert report["n_eval"] == 144 and report["teacher_source"].startswith("local:") and report["wall_s"] > 0
+    assert report["n_baseline_answers"] == 720 - 144, "the baseline trains on the 576 labelled answers only"
     for f in ("teacher.pt", "blackbox_student.pt", "blackbox_baseline.pt", "tokenizer.model"):
         assert (out / f).is_file(), f
     records = [json.loads(line) for line in (out / "teacher_answers.jsonl").read_text().splitlines()]
@@ -92,11 +100,12 @@ def test_teacher_data_file_in_minimind_format(first_run, tmp_path):
     report = json.loads((out / "blackbox_report.json").read_text())
     assert report["teacher_source"] == f"data:{data}" and report["n_eval"] == 0
     assert all(report[k]["accuracy"] is None for k in ("teacher", "student", "baseline"))
-    assert report["student"]["answer_ppl"] > 1 and len(report["samples"]) == 3
+    assert report["student"]["answer_ppl"] is not None and len(report["samples"]) == 3, \
+        "perplexity on the 3 held-out answers, and one sample per held-out answer"
     assert report["samples"][0]["teacher"].startswith("The answer is")
 
 
-def test_bad_inputs_give_one_line_errors(first_run, tmp_path, one_line_error):
+def test_bad_inputs_give_one_line_errors(first_run, tmp_path, one_line_error, parse_in_process):
     out, _ = first_run
     broken = tmp_path / "broken.jsonl"
     minimind_file(broken, 3)
@@ -112,5 +121,28 @@ def test_bad_inputs_give_one_line_errors(first_run, tmp_path, one_line_error):
     minimind_file(good)
     one_line_error(run(*TINY, "--out_dir", str(tmp_path / "o1"), "--vocab_size", "340", "--teacher_data",
                        str(good), "--init", str(out / "blackbox_student.pt")), "--init", "another tokenizer")
-    one_line_error(run("--teacher_api", "http://localhost:1"), "--teacher_model")
-    one_line_error(run("--steps", "0"), "--steps")
+    # bad flags: the parser stops before any work, so these run in-process
+    one_line_error(parse_in_process(blackbox, "--teacher_api", "http://localhost:1"), "--teacher_model")
+    one_line_error(parse_in_process(blackbox, "--steps", "0"), "--steps")
+
+
+def question_names(qa, world):
+    """The characters each question is about (the capitalised words that are character names)."""
+    return [{w for w in re.findall(r"[A-Z][a-z]+", q) if w in world.characters} for q, _ in qa]
+
+
+@pytest.mark.parametrize("fraction", [0.2, 0.32])
+def test_story_qa_holds_out_whole_characters(fraction):
+    """No held-out character is asked about in the labelled set (the baseline's training data), and the
+    held-out share is round(80 * fraction) characters with all their questions."""
+    world = build_world(0)
+    labelled, heldout, clozes = blackbox.story_qa(0, fraction)
+    lab_names, held_names = question_names(labelled, world), question_names(heldout, world)
+    assert all(len(n) == 1 for n in lab_names + held_names), "each question is about exactly one character"
+    lab, held = set().union(*lab_names), set().union(*held_names)
+    assert len(held) == round(N_CHARACTERS * fraction), f"{round(N_CHARACTERS * fraction)} held-out characters"
+    assert lab.isdisjoint(held), f"characters on both sides: {sorted(lab & held)}"
+    assert lab | held == set(world.characters), "every character is on one side"
+    assert len(labelled) == 9 * len(lab) and len(heldout) == 9 * len(held), "all 9 questions of a character"
+    assert set(clozes) == {q for q, _ in labelled + heldout}, "a cloze for every question"
+    assert blackbox.story_qa(0, fraction) == (labelled, heldout, clozes), "the split is deterministic"

@@ -1,8 +1,10 @@
 """SFT on teacher text (model/sft.py): the chat encoding and its loss mask, the <think> tags as single
-tokens and the span weights, the weighted CE, batched local answers into the cache, exact-match scoring.
+tokens and the span weights, the weighted CE, batched local answers (each back at its own prompt) into the
+cache, answer perplexity, exact-match scoring.
 Run: python -m pytest tests/test_sft.py"""
 
 import json
+import math
 
 import pytest
 import torch
@@ -10,8 +12,8 @@ import torch
 from model.data import chat_text
 from model.losses import IGNORE_INDEX, cross_entropy
 from model.model import ModelConfig, Transformer
-from model.sft import (encode_chat, encode_prompt, exact_match, generate_answers, local_answers, normalize,
-                       read_prompts, sft_batch, span_weights)
+from model.sft import (answer_perplexity, encode_chat, encode_prompt, exact_match, generate_answers, local_answers,
+                       normalize, read_prompts, sft_batch, span_weights)
 from model.teachers import AnswerCache
 from model.tokenizer import SPECIAL_TOKENS
 
@@ -105,9 +107,16 @@ def tiny_model(tok, seed=0):
 
 def test_batched_answers_equal_one_at_a_time(tok):
     model = tiny_model(tok)
-    prompts = ["Where does Mia live?", "Who is Tom's best friend?", "Where does Zoe live?", "Hi"]
+    with torch.no_grad():  # at the default init every answer is '': scaled up, answers depend on the prompt
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(20)
+    # equal-length prompts (Zoe/Ivy, Hi/Yo) share a batch
+    prompts = ["Where does Mia live?", "Who is Tom's best friend?", "Where does Zoe live?", "Hi",
+               "Where does Ivy live?", "Yo"]
     batched = generate_answers(model, tok, prompts, temperature=0.0, top_p=1.0, max_new_tokens=5, batch_size=8,
                                device="cpu", dtype="fp32")
+    assert len(set(batched)) == len(prompts) and all(batched), f"test setup: distinct answers needed, got {batched}"
     single = [generate_answers(model, tok, [p], temperature=0.0, top_p=1.0, max_new_tokens=5, batch_size=1,
                                device="cpu", dtype="fp32")[0] for p in prompts]
     assert batched == single, "grouping by prompt length must not change greedy answers"
@@ -160,3 +169,67 @@ def test_read_prompts(tmp_path):
     jl.write_text('{"prompt": "a"}\n{"nothing": 1}\n')
     with pytest.raises(Exception, match="p.jsonl:2"):
         read_prompts(jl)
+
+
+@pytest.mark.parametrize("use_cloze", [False, True])
+def test_each_answer_lands_at_its_prompt(tok, monkeypatch, use_cloze):
+    """generate_answers groups prompts by token length: each answer must go back to its own prompt's index.
+    model.generate is replaced by a fake that answers "w<i>" to prompt i (found from the input ids)."""
+    prompts = ["Where does Mia live?", "Hi", "What is the name of the pet that Tom has?", "Yo",
+               "Where does Zoe live?", "Ok", "Who?", "What is Mia's job?", "Go", "Where does Ivy live?"]
+
+    def cloze(p):  # each prompt's own prefix, so that a prefix taken from another prompt shows
+        return f"About {p} ", p.split()[0], 1
+
+    if use_cloze:
+        encoded = [tok.encode(c + prefix) for c, prefix, _ in map(cloze, prompts)]
+        end = tok.encode(".")
+    else:
+        encoded = [encode_prompt(tok, p) for p in prompts]
+        end = [tok.special["<|im_end|>"]]
+    lengths = [len(e) for e in encoded]
+    assert len(set(lengths)) >= 3 and lengths != sorted(lengths), f"test setup: interleaved lengths {lengths}"
+    assert max(map(lengths.count, lengths)) > 2, "test setup: a length group spans several batches of 2"
+    which = {tuple(ids): i for i, ids in enumerate(encoded)}
+    seen_rows = []
+
+    def fake_generate(model, x, max_new_tokens, **kw):
+        rows = []
+        for ids in x.tolist():
+            i = which[tuple(ids)]
+            seen_rows.append(i)
+            rows.append(ids + tok.encode(f" w{i}") + end)
+        width = max(len(r) for r in rows)
+        return torch.tensor([r + end * (width - len(r)) for r in rows])  # finished rows repeat the stop
+
+    monkeypatch.setattr("model.sft.generate", fake_generate)
+    batches = []
+    answers = generate_answers(tiny_model(tok), tok, prompts, temperature=0.0, top_p=1.0, max_new_tokens=4,
+                               batch_size=2, device="cpu", dtype="fp32", cloze=cloze if use_cloze else None,
+                               on_batch=lambda idx, ans: batches.append((list(idx), list(ans))))
+    expected = [f"{p.split()[0]} w{i}." if use_cloze else f"w{i}" for i, p in enumerate(prompts)]
+    assert answers == expected, "answer i must be the one generated for prompt i"
+    assert sorted(seen_rows) == list(range(len(prompts))), "every prompt is generated exactly once"
+    for idx, ans in batches:
+        assert ans == [expected[i] for i in idx], "on_batch gets each batch's prompt indices with their answers"
+
+
+def test_answer_perplexity_matches_a_per_example_loop(tok):
+    """exp of the mean CE over every assistant token of every example: batches with different numbers of
+    answer tokens weigh by their tokens; computed here one unpadded example at a time."""
+    model = tiny_model(tok)
+    with torch.no_grad():  # peakier outputs than the default init, so examples' losses differ
+        model.embed_tokens.weight.mul_(20)
+    examples = [encode_chat(tok, conv(q, a)) for q, a in [
+        ("Hi?", "Yes."), ("Where does Mia live?", "Mia lives in Greenhill, next to the old well by the road."),
+        ("Who?", "Tom."), ("What is Mia's job?", "Mia is a baker.")]]
+    terms = []  # each example's per-token NLLs of its assistant tokens
+    with torch.no_grad():
+        for ids, mask in examples:
+            logp = model(torch.tensor([ids]))["logits"][0].double().log_softmax(-1)
+            terms.append([-float(logp[t, ids[t + 1]]) for t in range(len(ids) - 1) if mask[t + 1]])
+    ref = math.exp(sum(map(sum, terms)) / sum(map(len, terms)))
+    got = answer_perplexity(model, examples, tok, batch_size=2, device="cpu", dtype="fp32")
+    batch_means = [sum(terms[i] + terms[i + 1]) / len(terms[i] + terms[i + 1]) for i in (0, 2)]
+    assert abs(math.exp(sum(batch_means) / 2) - ref) > 1e-3 * ref, "test setup: the batches' losses must differ"
+    assert got == pytest.approx(ref, rel=1e-5), f"answer perplexity {got} vs per-token loop {ref}"

@@ -240,7 +240,8 @@ def test_evaluate_teacher_metrics_match_a_naive_loop():
     V = 7
     model, teacher = Bigram(V, seed=0), Bigram(V, seed=1, scale=3.0)
     g = torch.Generator().manual_seed(2)
-    batches = [(x, x.clone()) for x in (torch.randint(0, V, (2, 9), generator=g), torch.randint(0, V, (1, 9), generator=g))]
+    xs = torch.randint(0, V, (2, 9), generator=g), torch.randint(0, V, (1, 9), generator=g)
+    batches = [(x, x.clone()) for x in xs]
     _, agree, kl = naive_metrics(model, batches, teacher)
     _, _, reverse = naive_metrics(teacher, batches, model)  # KL(model || teacher)
     assert abs(kl - reverse) > 0.05 and 0 < agree < 1, "test setup: the directions and argmaxes must differ"

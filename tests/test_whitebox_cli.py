@@ -1,8 +1,9 @@
 """End-to-end runs of train_distill_whitebox.py as a user would type them, with tiny flags: the report it
-writes, reuse of the cached teacher, and one-line errors for bad input. Run:
-python -m pytest tests/test_whitebox_cli.py"""
+writes, reuse of the cached teacher, the loss mix, the baseline's shared init, and one-line errors for bad
+input. Run: python -m pytest tests/test_whitebox_cli.py"""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import train_distill_whitebox as whitebox
 from model.common import UserError
 from model.model import ModelConfig, Transformer
-from train_distill_whitebox import init_from_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--n_chars", "60000", "--vocab_size", "320", "--teacher_layers", "2", "--teacher_dim", "32",
@@ -41,12 +42,16 @@ def test_default_flow_writes_the_report(first_run):
     report = json.loads((out / "whitebox_report.json").read_text())
     for name in ("teacher", "student", "baseline"):
         assert {"val_loss", "val_ppl", "top1_agreement", "kl_from_teacher", "params"} <= report[name].keys()
-    assert report["teacher"]["kl_from_teacher"] == pytest.approx(0.0, abs=1e-6)
+    assert report["student"]["kl_from_teacher"] > 0, "the student is not the teacher: KL(T || student) > 0"
     assert "gap_closed" in report and report["wall_s"] > 0
     assert (out / "teacher.pt").is_file() and (out / "student.pt").is_file() and (out / "tokenizer.model").is_file()
     log = [json.loads(line) for line in (out / "whitebox_log.jsonl").read_text().splitlines()]
     assert {"teacher", "student", "baseline"} <= {rec["run"] for rec in log}
     assert any("hid" in rec and "attn" in rec for rec in log if rec["run"] == "student")
+    for rec in (rec for rec in log if rec["run"] == "student"):  # the default --alpha 0.1; both weights 1 here
+        mix = 0.1 * rec["ce"] + 0.9 * rec["kd"] + rec.get("hid", 0) + rec.get("attn", 0)
+        assert rec["loss"] == pytest.approx(mix, rel=1e-5), \
+            f"step {rec['step']}: loss = alpha * ce + (1 - alpha) * kd + hid + attn"
     assert "share of the teacher gap closed" in r.stdout and "--- student:" in r.stdout
 
 
@@ -69,7 +74,26 @@ def test_second_run_reuses_the_teacher(first_run):
         >= {"baseline_flops_matched"}, "the FLOPs-matched baseline trains and logs"
 
 
-def test_bad_inputs_give_one_line_errors(first_run, tmp_path, one_line_error):
+def test_at_alpha_1_the_student_trains_exactly_like_the_baseline(first_run, tmp_path, monkeypatch, capsys):
+    """With --alpha 1 and no attention/hidden terms the student's loss is the baseline's CE (the KD term is
+    weighted by 1 - alpha = 0), and the baseline starts from the student's init on the same batches, so the
+    two must end bit-identical. Reuses the first run's teacher and tokenizer (no pretraining)."""
+    out, _ = first_run
+    for f in ("teacher.pt", "tokenizer.model"):
+        shutil.copy(out / f, tmp_path / f)
+    # in-process (no python + torch start-up): main() reads sys.argv like the command line
+    monkeypatch.setattr(sys, "argv", ["train_distill_whitebox.py", *TINY, "--out_dir", str(tmp_path), "--alpha", "1",
+                                      "--attn_weight", "0", "--hidden_weight", "0", "--steps", "3"])
+    whitebox.main()
+    assert "pretraining" not in capsys.readouterr().out
+    student, baseline = (torch.load(tmp_path / f, weights_only=True)["model"] for f in ("student.pt", "baseline.pt"))
+    for name, w in student.items():
+        assert torch.equal(w, baseline[name]), f"{name}: student (alpha 1) and baseline must be identical"
+    log = [json.loads(line) for line in (tmp_path / "whitebox_log.jsonl").read_text().splitlines()]
+    assert all(rec["kd"] > 0 for rec in log if rec["run"] == "student"), "the KD term was computed, weighted 0"
+
+
+def test_bad_inputs_give_one_line_errors(first_run, tmp_path, one_line_error, parse_in_process):
     out, _ = first_run
     empty = tmp_path / "empty.txt"
     empty.write_text("")
@@ -85,16 +109,17 @@ def test_bad_inputs_give_one_line_errors(first_run, tmp_path, one_line_error):
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"PK\x03\x04 not really")
     one_line_error(run(*TINY, "--out_dir", str(out), "--teacher", str(corrupt)), "corrupt.pt")
-    one_line_error(run("--divergence", "kl"), "--divergence")
-    one_line_error(run("--steps", "0"), "--steps")
-    one_line_error(run("--no_such_flag"), "--no_such_flag")
+    # bad flags: the parser stops before any work, so these run in-process
+    one_line_error(parse_in_process(whitebox, "--divergence", "kl"), "--divergence")
+    one_line_error(parse_in_process(whitebox, "--steps", "0"), "--steps")
+    one_line_error(parse_in_process(whitebox, "--no_such_flag"), "--no_such_flag")
 
 
 def test_init_from_teacher_copies_every_other_block():
     torch.manual_seed(0)
     teacher = Transformer(ModelConfig(vocab_size=40, n_layer=4, n_embd=32, n_head=4, n_kv_head=2, max_seq_len=32))
     student = Transformer(ModelConfig(vocab_size=40, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, max_seq_len=16))
-    init_from_teacher(student, teacher)
+    whitebox.init_from_teacher(student, teacher)
     for i, j in ((0, 0), (1, 2)):
         for a, b in zip(student.layers[i].state_dict().values(), teacher.layers[j].state_dict().values()):
             assert torch.equal(a, b), f"student block {i} must be teacher block {j}"
@@ -115,7 +140,7 @@ def test_init_from_teacher_needs_the_same_architecture_but_depth(teacher_cfg, fr
     teacher = Transformer(ModelConfig(**{"vocab_size": 40, "n_layer": 2, "n_embd": 32, "max_seq_len": 32,
                                          **teacher_cfg}))
     with pytest.raises(UserError) as e:
-        init_from_teacher(student, teacher)
+        whitebox.init_from_teacher(student, teacher)
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("--init teacher"), msg
     for f in fragments:
