@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tv", "skew_kl")
-EMPTY = -1e4  # log-prob of an empty bucket in topk_kd_loss: exp(EMPTY) is exactly 0 in fp32
+EMPTY = -1e4  # log-prob of a ruled-out token or an empty top-k bucket: exp(EMPTY) is exactly 0 in fp32
 
 
 def target_mask(labels):
@@ -67,7 +67,15 @@ def divergence(t_logp, s_logp, kind: str, beta: float = 0.5, skew: float = 0.1):
                   0<beta<1, so a teacher token the student gives ~0 mass cannot blow up.
       tv          total variation 1/2 sum |p - q|, bounded in [0, 1].
       skew_kl     skew forward KL of DistiLLM (Ko et al. 2024): KL(p || skew p + (1-skew) q). Mixing a
-                  little of p into q keeps the log finite where q is ~0, which steadies early training."""
+                  little of p into q keeps the log finite where q is ~0, which steadies early training.
+    A token a model rules out (logit -inf) gets log-prob EMPTY, as in topk_kd_loss: its p or q is then
+    exactly 0 and each term 0 * (finite) = 0 (0 log 0 = 0), where -inf would give 0 * inf = nan in the
+    value or the gradient. So each divergence is finite, and equal to its value on the tokens that remain,
+    wherever it is finite mathematically. Where it is +inf (forward KL at a token only the student rules
+    out, reverse KL at one only the teacher rules out) it is a large finite penalty instead, q or
+    p * (log - EMPTY) ~ 1e4 times the mass there, with no gradient through the ruled-out logit. Log-probs
+    above EMPTY (all that finite logits give, short of a 1e4 gap) are unchanged."""
+    t_logp, s_logp = t_logp.clamp_min(EMPTY), s_logp.clamp_min(EMPTY)
     p, q = t_logp.exp(), s_logp.exp()
     if kind == "forward_kl" or (kind == "jsd" and beta == 0.0):
         return (p * (t_logp - s_logp)).sum(-1)

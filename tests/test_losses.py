@@ -1,11 +1,13 @@
 """Loss functions: divergence identities, masking/padding invariance, micro-batch invariance, hidden and
 attention losses. Run: python -m pytest tests/test_losses.py"""
 
+import math
+
 import pytest
 import torch
 
-from model.losses import (DIVERGENCES, IGNORE_INDEX, attention_relation_loss, cross_entropy, divergence,
-                          hidden_loss, kd_loss, layer_map)
+from model.losses import (DIVERGENCES, EMPTY, IGNORE_INDEX, attention_relation_loss, cross_entropy,
+                          divergence, hidden_loss, kd_loss, layer_map)
 from model.model import ModelConfig, Transformer
 
 
@@ -189,3 +191,57 @@ def test_other_losses_are_fp32_under_bf16_autocast():
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 got = fn()
             assert got.dtype == torch.float32 and torch.allclose(got, ref, rtol=1e-6), f"{name} {logits_dtype}"
+
+
+def reference_divergence(p, q, kind, beta=0.5, skew=0.1):
+    """One row's divergence by a plain loop over the tokens, in float64, with 0 log 0 = 0: a token a
+    distribution gives probability 0 adds nothing to its KL terms (and p log(p/0) = inf)."""
+    def kl(a, b):
+        return sum(ai * math.log(ai / bi) if bi > 0 else math.inf for ai, bi in zip(a, b) if ai > 0)
+    if kind == "forward_kl":
+        return kl(p, q)
+    if kind == "reverse_kl":
+        return kl(q, p)
+    if kind == "tv":
+        return 0.5 * sum(abs(a - b) for a, b in zip(p, q))
+    w = beta if kind == "jsd" else skew
+    m = [w * a + (1 - w) * b for a, b in zip(p, q)]
+    if kind == "skew_kl":
+        return kl(p, m)
+    return (beta * kl(p, m) + (1 - beta) * kl(q, m)) / (beta * (1 - beta))
+
+
+@pytest.mark.parametrize("ruled_out_by", ["both", "teacher", "student"])
+@pytest.mark.parametrize("kind", DIVERGENCES)
+def test_divergences_at_minus_inf_logits_follow_0_log_0(kind, ruled_out_by):
+    """A token a model rules out (logit -inf, probability 0) must not turn a divergence into nan. Wherever
+    the divergence is finite, the value is the one on the tokens that remain; where it is +inf (forward KL
+    where only the student rules out a teacher token, reverse KL the other way round) it is a large finite
+    penalty. The gradient with respect to the student logits is finite in every case."""
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(1, 4, 7, generator=g) * 2, torch.randn(1, 4, 7, generator=g) * 2
+    if ruled_out_by in ("both", "teacher"):
+        t[..., 2] = -torch.inf
+    if ruled_out_by in ("both", "student"):
+        s[..., 2] = -torch.inf
+    if ruled_out_by == "both":
+        t[0, 1, 5] = -torch.inf  # and one more token the teacher alone rules out at one position
+    got = divergence(t[0].log_softmax(-1), s[0].log_softmax(-1), kind)                # (4,)
+    p, q = t[0].double().softmax(-1).tolist(), s[0].double().softmax(-1).tolist()
+    ref = torch.tensor([reference_divergence(pi, qi, kind) for pi, qi in zip(p, q)], dtype=torch.float32)
+    assert torch.isfinite(got).all(), f"{kind}: not finite where {ruled_out_by} rule a token out: {got}"
+    inf = ref.isinf()
+    assert torch.allclose(got[~inf], ref[~inf], rtol=1e-5, atol=1e-6), f"{kind}, {ruled_out_by}: {got} vs {ref}"
+    a, b = (torch.tensor(p), torch.tensor(q)) if kind == "forward_kl" else (torch.tensor(q), torch.tensor(p))
+    mass = (a * (b == 0)).sum(-1).float()  # the mass one model puts where the other has none
+    assert (got[inf] > 0.5 * -EMPTY * mass[inf]).all(), f"{kind}, {ruled_out_by}: +inf is a ~1e4 * mass penalty"
+    labels = torch.zeros(1, 4, dtype=torch.long)
+    grads = []
+    for chunk in (0, 2):
+        s_grad = s.clone().requires_grad_()
+        loss = kd_loss(s_grad, t, labels, kind, chunk_size=chunk)
+        loss.backward()
+        assert torch.isfinite(loss), f"{kind}, {ruled_out_by}, chunk {chunk}: loss {loss}"
+        assert torch.isfinite(s_grad.grad).all(), f"{kind}, {ruled_out_by}, chunk {chunk}: {s_grad.grad}"
+        grads.append(s_grad.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-7), "chunked and dense gradients agree"
