@@ -94,12 +94,20 @@ def divergence(t_logp, s_logp, kind: str, beta: float = 0.5, skew: float = 0.1):
     raise ValueError(f"unknown divergence {kind!r}; choose from {', '.join(DIVERGENCES)}")
 
 
+def kd_scale(kind: str, temperature: float) -> float:
+    """The factor of the soft loss: T^2, or T for total variation (see kd_loss)."""
+    return temperature if kind == "tv" else temperature ** 2
+
+
 def kd_loss(student_logits, teacher_logits, labels, kind: str = "forward_kl", temperature: float = 1.0,
             beta: float = 0.5, skew: float = 0.1, chunk_size: int = 0):
     """Soft-target loss of Hinton et al. (2015):  T^2 * 1/N sum_t D( softmax(z_T/T) || softmax(z_S/T) ).
     Why T^2: the gradient of D with respect to the student logits scales as 1/T^2 when both
     distributions are softened by T, so multiplying by T^2 keeps the soft loss's pull on the student
     comparable to the CE term's as T changes (and alpha means the same thing at any T).
+    Total variation is multiplied by T instead (kd_scale): the KLs' gradient is (q - p)/T, and q - p
+    itself shrinks as 1/T, but TV's is (1/T) J^T sign(q - p) / 2 (J the softmax Jacobian), and a sign does
+    not shrink as p and q get closer, so it falls only as 1/T; T^2 would make it grow with T.
     Logits (B, T, V) are shifted like CE and averaged over the N real target positions.
     chunk_size > 0 computes the same loss chunk_size positions at a time (see ChunkedKD)."""
     if chunk_size > 0 and student_logits.requires_grad:
@@ -108,7 +116,7 @@ def kd_loss(student_logits, teacher_logits, labels, kind: str = "forward_kl", te
     s = student_logits[:, :-1][mask].float() / temperature                           # (N, V)
     t = teacher_logits[:, :-1][mask].float() / temperature                           # (N, V)
     d = divergence(t.log_softmax(-1), s.log_softmax(-1), kind, beta, skew)           # (N,)
-    return temperature ** 2 * d.sum() / mask.sum().clamp_min(1)
+    return kd_scale(kind, temperature) * d.sum() / mask.sum().clamp_min(1)
 
 
 class ChunkedKD(torch.autograd.Function):
@@ -140,11 +148,11 @@ class ChunkedKD(torch.autograd.Function):
                 t_logp = (t_all[idx].float() / temperature).log_softmax(-1)
                 d = divergence(t_logp, (s / temperature).log_softmax(-1), kind, beta, skew).sum()
                 (g,) = torch.autograd.grad(d, s)
-            grad[idx] = (g * (temperature ** 2 / n)).to(grad.dtype)
+            grad[idx] = (g * (kd_scale(kind, temperature) / n)).to(grad.dtype)
             total += d.detach()
         ctx.save_for_backward(grad)
         ctx.logits_shape, ctx.logits_dtype = student_logits.shape, student_logits.dtype
-        return total * (temperature ** 2 / n)
+        return total * (kd_scale(kind, temperature) / n)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -160,7 +168,7 @@ def topk_kd_loss(student_logits, teacher_ids, teacher_logp, teacher_tail_logp, l
     only its k likeliest next tokens i_1..i_k and one tail bucket for the rest of its mass; the student's
     distribution is collapsed onto the same k + 1 buckets:
         p~ = (p_i1, ..., p_ik, 1 - sum_j p_ij)      q~ = (q_i1, ..., q_ik, 1 - sum_j q_ij)
-        loss = T^2 * 1/N sum_t D(p~ || q~)
+        loss = T^2 * 1/N sum_t D(p~ || q~)          (T instead of T^2 for tv, as in kd_loss)
     With k = V the tail buckets are empty and this is kd_loss exactly. teacher_ids (B, T, k) integer,
     teacher_logp (B, T, k) log-probs at temperature T, teacher_tail_logp (B, T) log of the tail mass
     (-inf when empty); all aligned with the logits (row t predicts token t+1), shifted here like kd_loss."""
@@ -175,7 +183,7 @@ def topk_kd_loss(student_logits, teacher_ids, teacher_logp, teacher_tail_logp, l
                      teacher_tail_logp[:, :-1][mask].float().clamp_min(EMPTY)[:, None]], -1)
     t_b = t_b - t_b.logsumexp(-1, keepdim=True)  # renormalise: the cache stores fp16 log-probs
     d = divergence(t_b, s_b, kind, beta, skew)                                       # (N,)
-    return temperature ** 2 * d.sum() / mask.sum().clamp_min(1)
+    return kd_scale(kind, temperature) * d.sum() / mask.sum().clamp_min(1)
 
 
 def layer_map(n_student: int, n_teacher: int):

@@ -87,6 +87,23 @@ def test_kd_loss_scales_with_t_squared_and_shifts():
         "KD = T^2 * mean over the first T-1 positions (the last one has no target)"
 
 
+def test_tv_is_scaled_by_t_not_t_squared():
+    """KD with total variation = T * mean TV of the softened distributions (by hand, in float64): TV's
+    gradient with respect to the logits shrinks as 1/T, not 1/T^2 like the KLs', so T keeps its pull the
+    same size at any T, where T^2 would grow it with T."""
+    s, t, labels = batch()
+    for T in (1.0, 2.0, 5.0):
+        p, q = t[:, :-1].double().div(T).softmax(-1), s[:, :-1].double().div(T).softmax(-1)
+        ref = T * 0.5 * (p - q).abs().sum(-1).mean()
+        assert torch.allclose(kd_loss(s, t, labels, "tv", temperature=T).double(), ref, rtol=1e-5), f"T={T}"
+    norms = []
+    for T in (10.0, 20.0, 40.0, 80.0):
+        s_grad = s.clone().requires_grad_()
+        kd_loss(s_grad, t, labels, "tv", temperature=T).backward()
+        norms.append(s_grad.grad.norm().item())
+    assert max(norms) < 1.2 * min(norms), f"T-scaled TV's gradient norm should not depend on T: {norms}"
+
+
 def test_micro_batches_give_the_same_loss_and_gradient():
     """Weighting each micro-batch's mean by its share of real targets reproduces the full-batch gradient,
     even when the micro-batches hold different amounts of padding (as model/train.py does)."""
