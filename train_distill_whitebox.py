@@ -52,7 +52,7 @@ def parse_args():
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature T of the KD term")
     p.add_argument("--divergence", default="forward_kl", choices=DIVERGENCES, help="D in the KD term")
     p.add_argument("--jsd_beta", type=float, default=0.5, help="beta of the generalized JSD (0 = forward KL)")
-    p.add_argument("--skew", type=float, default=0.1, help="mixing weight of skew_kl")
+    p.add_argument("--skew", type=float, default=0.1, help="mixing weight of skew_kl, 0 < skew < 1")
     p.add_argument("--hidden_weight", type=float, default=0.0, help="lambda_h, weight of the hidden-state loss")
     p.add_argument("--hidden_loss", default="mse", choices=["mse", "cosine"], help="hidden-state distance")
     p.add_argument("--layer_map", default=None,
@@ -79,6 +79,8 @@ def parse_args():
     check_optim_args(p, args)
     if not 0 <= args.alpha <= 1 or args.temperature <= 0 or not 0 <= args.jsd_beta <= 1:
         p.error("need 0 <= --alpha <= 1, --temperature > 0 and 0 <= --jsd_beta <= 1")
+    if not 0 < args.skew < 1:  # 1 would make skew_kl KL(p || p) = 0; above 1, log(1 - skew) fails
+        p.error(f"--skew {args.skew:g}: need 0 < --skew < 1")
     if args.cache_teacher_topk and (args.hidden_weight > 0 or args.attn_weight > 0):
         p.error("--cache_teacher_topk caches logits only: add --attn_weight 0 (the attention term is on by default) "
                 "and --hidden_weight 0; both need the teacher online")

@@ -6,7 +6,10 @@ Training text in, batches of token ids out.
   minimind SFT JSONL ({"conversations": [{"role": ..., "content": ...}, ...]}), rendered with the chat
   template below.
 - Documents are tokenized, joined with an end-of-text token and split into a train stream and a held-out
-  validation stream (the last val_fraction of tokens), so a validation split always exists.
+  validation stream (the last val_fraction of tokens), so a validation split always exists. A
+  conversation gets its control tokens from the template only (encode_message): a "<|im_end|>" inside a
+  message is text. Plain text has no template, so the tags it writes are its markup and become control
+  tokens (minimind's pretrain files wrap their texts in <|im_start|>...<|im_end|>).
 - A batch is B random windows of T tokens. Its offsets come from a generator seeded by (seed, step), so
   batch k is the same in every run with that seed: the baseline sees exactly the KD student's batches,
   and a resumed run continues the same sequence.
@@ -32,6 +35,34 @@ def chat_text(messages: list[dict]) -> str:
             content = f"<think>\n{m['reasoning_content']}\n</think>\n{content}"
         parts.append(f"<|im_start|>{m['role']}\n{content}<|im_end|>\n")
     return "".join(parts)
+
+
+def chat_header(tok, role: str) -> list[int]:
+    """The ids of "<|im_start|>role\\n", a message's header in chat_text's template."""
+    return [tok.special["<|im_start|>"]] + tok.encode(f"{role}\n")
+
+
+def encode_message(tok, m: dict) -> tuple[list[int], list[int], list[int]]:
+    """chat_text([m]) as token ids, in the three parts that model.sft.encode_chat masks apart:
+        header  <|im_start|>role\\n
+        body    [<think>\\nREASONING\\n</think>\\n]CONTENT<|im_end|>
+        tail    \\n
+    The tags are tok.special ids, written by the template; role, reasoning and content are encoded as
+    plain text, so a literal "<|im_end|>" or "<think>" in a message is ordinary pieces and data cannot end
+    a turn or open a reasoning span. Without literal tags, these are the ids sentencepiece gives the
+    whole chat_text (a tag or a newline is always a piece of its own, so nothing merges across parts)."""
+    special, content = tok.special, m["content"]
+    body = []
+    if m.get("reasoning_content"):
+        body = [special["<think>"]] + tok.encode(f"\n{m['reasoning_content']}\n") + [special["</think>"]]
+        content = "\n" + content
+    body += tok.encode(content) + [special["<|im_end|>"]]
+    return chat_header(tok, m["role"]), body, tok.encode("\n")
+
+
+def document_text(doc) -> str:
+    """A document's text: itself, or a conversation rendered with chat_text."""
+    return doc if isinstance(doc, str) else chat_text(doc)
 
 
 def read_jsonl(path) -> list[tuple[int, dict]]:
@@ -63,8 +94,10 @@ def conversation(path, lineno: int, obj: dict) -> list[dict]:
     return conv
 
 
-def load_documents(path) -> list[str]:
-    """Read a user's training file into a list of documents (see the module docstring for formats)."""
+def load_documents(path) -> list:
+    """Read a user's training file into a list of documents (see the module docstring for formats): a
+    string per text, and for an SFT record its list of messages, which tokenize_split encodes with the
+    chat template."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--data {path}: no such file")
@@ -75,29 +108,33 @@ def load_documents(path) -> list[str]:
                 if "text" in obj and isinstance(obj["text"], str):
                     docs.append(obj["text"])
                 elif "conversations" in obj:
-                    docs.append(chat_text(conversation(path, i, obj)))
+                    docs.append(conversation(path, i, obj))
                 else:
                     raise UserError(f'{path}:{i}: expected a "text" string or a "conversations" list')
         else:
             docs = path.read_text(encoding="utf-8").split("\n\n")
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    docs = [d for d in docs if d.strip()]
+    docs = [d for d in docs if not isinstance(d, str) or d.strip()]  # a conversation is never empty
     if not docs:
         raise UserError(f"{path}: no text in the file")
     return docs
 
 
-def load_corpus(data_path, data_seed: int, n_chars: int) -> list[str]:
+def load_corpus(data_path, data_seed: int, n_chars: int) -> list:
     """The user's documents, or the embedded story corpus of about n_chars characters."""
     return load_documents(data_path) if data_path else default_corpus(data_seed, n_chars)
 
 
 def tokenize_split(docs, tok, block_size: int, val_fraction: float):
-    """Tokenize and join the documents with EOS; return (train, val) int32 token arrays."""
+    """Tokenize and join the documents with EOS; return (train, val) int32 token arrays. A text's tags
+    are its markup (allow_special); a conversation's come from the template (see the module docstring)."""
     ids = []
     for doc in docs:
-        ids.extend(tok.encode(doc))
+        if isinstance(doc, str):
+            ids.extend(tok.encode(doc, allow_special=True))
+        else:
+            ids.extend(i for m in doc for part in encode_message(tok, m) for i in part)
         ids.append(tok.eos_id)
     tokens = np.array(ids, dtype=np.int32)
     n_val = max(int(len(tokens) * val_fraction), block_size + 1)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tv", "skew_kl")
-EMPTY = -1e4  # log-prob of an empty bucket in topk_kd_loss: exp(EMPTY) is exactly 0 in fp32
+EMPTY = -1e4  # log-prob of a ruled-out token or an empty top-k bucket: exp(EMPTY) is exactly 0 in fp32
 
 
 def target_mask(labels):
@@ -67,7 +67,15 @@ def divergence(t_logp, s_logp, kind: str, beta: float = 0.5, skew: float = 0.1):
                   0<beta<1, so a teacher token the student gives ~0 mass cannot blow up.
       tv          total variation 1/2 sum |p - q|, bounded in [0, 1].
       skew_kl     skew forward KL of DistiLLM (Ko et al. 2024): KL(p || skew p + (1-skew) q). Mixing a
-                  little of p into q keeps the log finite where q is ~0, which steadies early training."""
+                  little of p into q keeps the log finite where q is ~0, which steadies early training.
+    A token a model rules out (logit -inf) gets log-prob EMPTY, as in topk_kd_loss: its p or q is then
+    exactly 0 and each term 0 * (finite) = 0 (0 log 0 = 0), where -inf would give 0 * inf = nan in the
+    value or the gradient. So each divergence is finite, and equal to its value on the tokens that remain,
+    wherever it is finite mathematically. Where it is +inf (forward KL at a token only the student rules
+    out, reverse KL at one only the teacher rules out) it is a large finite penalty instead, q or
+    p * (log - EMPTY) ~ 1e4 times the mass there, with no gradient through the ruled-out logit. Log-probs
+    above EMPTY (all that finite logits give, short of a 1e4 gap) are unchanged."""
+    t_logp, s_logp = t_logp.clamp_min(EMPTY), s_logp.clamp_min(EMPTY)
     p, q = t_logp.exp(), s_logp.exp()
     if kind == "forward_kl" or (kind == "jsd" and beta == 0.0):
         return (p * (t_logp - s_logp)).sum(-1)
@@ -86,12 +94,20 @@ def divergence(t_logp, s_logp, kind: str, beta: float = 0.5, skew: float = 0.1):
     raise ValueError(f"unknown divergence {kind!r}; choose from {', '.join(DIVERGENCES)}")
 
 
+def kd_scale(kind: str, temperature: float) -> float:
+    """The factor of the soft loss: T^2, or T for total variation (see kd_loss)."""
+    return temperature if kind == "tv" else temperature ** 2
+
+
 def kd_loss(student_logits, teacher_logits, labels, kind: str = "forward_kl", temperature: float = 1.0,
             beta: float = 0.5, skew: float = 0.1, chunk_size: int = 0):
     """Soft-target loss of Hinton et al. (2015):  T^2 * 1/N sum_t D( softmax(z_T/T) || softmax(z_S/T) ).
     Why T^2: the gradient of D with respect to the student logits scales as 1/T^2 when both
     distributions are softened by T, so multiplying by T^2 keeps the soft loss's pull on the student
     comparable to the CE term's as T changes (and alpha means the same thing at any T).
+    Total variation is multiplied by T instead (kd_scale): the KLs' gradient is (q - p)/T, and q - p
+    itself shrinks as 1/T, but TV's is (1/T) J^T sign(q - p) / 2 (J the softmax Jacobian), and a sign does
+    not shrink as p and q get closer, so it falls only as 1/T; T^2 would make it grow with T.
     Logits (B, T, V) are shifted like CE and averaged over the N real target positions.
     chunk_size > 0 computes the same loss chunk_size positions at a time (see ChunkedKD)."""
     if chunk_size > 0 and student_logits.requires_grad:
@@ -100,7 +116,7 @@ def kd_loss(student_logits, teacher_logits, labels, kind: str = "forward_kl", te
     s = student_logits[:, :-1][mask].float() / temperature                           # (N, V)
     t = teacher_logits[:, :-1][mask].float() / temperature                           # (N, V)
     d = divergence(t.log_softmax(-1), s.log_softmax(-1), kind, beta, skew)           # (N,)
-    return temperature ** 2 * d.sum() / mask.sum().clamp_min(1)
+    return kd_scale(kind, temperature) * d.sum() / mask.sum().clamp_min(1)
 
 
 class ChunkedKD(torch.autograd.Function):
@@ -132,11 +148,11 @@ class ChunkedKD(torch.autograd.Function):
                 t_logp = (t_all[idx].float() / temperature).log_softmax(-1)
                 d = divergence(t_logp, (s / temperature).log_softmax(-1), kind, beta, skew).sum()
                 (g,) = torch.autograd.grad(d, s)
-            grad[idx] = (g * (temperature ** 2 / n)).to(grad.dtype)
+            grad[idx] = (g * (kd_scale(kind, temperature) / n)).to(grad.dtype)
             total += d.detach()
         ctx.save_for_backward(grad)
         ctx.logits_shape, ctx.logits_dtype = student_logits.shape, student_logits.dtype
-        return total * (temperature ** 2 / n)
+        return total * (kd_scale(kind, temperature) / n)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -152,7 +168,7 @@ def topk_kd_loss(student_logits, teacher_ids, teacher_logp, teacher_tail_logp, l
     only its k likeliest next tokens i_1..i_k and one tail bucket for the rest of its mass; the student's
     distribution is collapsed onto the same k + 1 buckets:
         p~ = (p_i1, ..., p_ik, 1 - sum_j p_ij)      q~ = (q_i1, ..., q_ik, 1 - sum_j q_ij)
-        loss = T^2 * 1/N sum_t D(p~ || q~)
+        loss = T^2 * 1/N sum_t D(p~ || q~)          (T instead of T^2 for tv, as in kd_loss)
     With k = V the tail buckets are empty and this is kd_loss exactly. teacher_ids (B, T, k) integer,
     teacher_logp (B, T, k) log-probs at temperature T, teacher_tail_logp (B, T) log of the tail mass
     (-inf when empty); all aligned with the logits (row t predicts token t+1), shifted here like kd_loss."""
@@ -167,7 +183,7 @@ def topk_kd_loss(student_logits, teacher_ids, teacher_logp, teacher_tail_logp, l
                      teacher_tail_logp[:, :-1][mask].float().clamp_min(EMPTY)[:, None]], -1)
     t_b = t_b - t_b.logsumexp(-1, keepdim=True)  # renormalise: the cache stores fp16 log-probs
     d = divergence(t_b, s_b, kind, beta, skew)                                       # (N,)
-    return temperature ** 2 * d.sum() / mask.sum().clamp_min(1)
+    return kd_scale(kind, temperature) * d.sum() / mask.sum().clamp_min(1)
 
 
 def layer_map(n_student: int, n_teacher: int):

@@ -4,7 +4,7 @@ teacher's logits, only the answers it wrote, and learns them with next-token CE 
 
 - encode_chat renders a conversation with model.data.chat_text's ChatML template, one piece at a time, so
   it knows exactly which tokens are the assistant's: the loss mask is built per example, never from a
-  shared prompt length.
+  shared prompt length. The template's tags are control ids; the same strings inside a message are text.
 - sft_batch pads examples to the longest one and turns the mask into labels (IGNORE_INDEX where no loss),
   plus per-token weights that can up-weight the reasoning span (<think> ... </think>) or the answer after it.
 - generate_answers / local_answers let a local model answer prompts with batched KV-cache sampling;
@@ -21,13 +21,10 @@ from pathlib import Path
 import torch
 
 from model.common import UserError, autocast
-from model.data import chat_text, read_jsonl
+from model.data import chat_header, encode_message, read_jsonl
 from model.losses import IGNORE_INDEX, cross_entropy
 from model.model import generate
 from model.teachers import split_think
-
-ASSISTANT_HEADER = "<|im_start|>assistant\n"
-
 
 # ----------------------------------------------------------------------------------------------------------
 # chat template -> token ids and loss mask
@@ -35,8 +32,8 @@ ASSISTANT_HEADER = "<|im_start|>assistant\n"
 def encode_chat(tok, messages: list[dict], max_len: int = 0) -> tuple[list[int], list[int]]:
     """Token ids of chat_text(messages) and a 0/1 loss mask of the same length.
 
-    Each message is encoded on its own (the template's tags are single tokens, so nothing merges across a
-    message boundary anyway), and an assistant message in three pieces:
+    Each message is encoded on its own, in three pieces (model.data.encode_message: the tags are the
+    template's control ids, the message's text is plain text, so a "<|im_end|>" in it cannot end a turn):
         <|im_start|>assistant\\n        mask 0: the header, given at inference time, not generated
         [<think>\\n...\\n</think>\\n]answer<|im_end|>   mask 1: what the model must learn to write
         \\n                             mask 0: after the stop token, never generated
@@ -45,17 +42,10 @@ def encode_chat(tok, messages: list[dict], max_len: int = 0) -> tuple[list[int],
     both lists."""
     ids, mask = [], []
     for m in messages:
-        if m["role"] == "assistant":
-            head = tok.encode(ASSISTANT_HEADER)
-            # chat_text of one assistant message is header + body + "\n"; the body is the part to learn.
-            body = tok.encode(chat_text([m])[len(ASSISTANT_HEADER):-1])
-            tail = tok.encode("\n")
-            ids += head + body + tail
-            mask += [0] * len(head) + [1] * len(body) + [0] * len(tail)
-        else:
-            piece = tok.encode(chat_text([m]))
-            ids += piece
-            mask += [0] * len(piece)
+        head, body, tail = encode_message(tok, m)
+        learn = int(m["role"] == "assistant")
+        ids += head + body + tail
+        mask += [0] * len(head) + [learn] * len(body) + [0] * len(tail)
     if max_len > 0:
         ids, mask = ids[:max_len], mask[:max_len]
     return ids, mask
@@ -63,14 +53,14 @@ def encode_chat(tok, messages: list[dict], max_len: int = 0) -> tuple[list[int],
 
 def encode_prompt(tok, prompt: str) -> list[int]:
     """The ids a model sees before it answers a one-turn question: the user turn and the assistant header."""
-    return encode_chat(tok, [{"role": "user", "content": prompt}])[0] + tok.encode(ASSISTANT_HEADER)
+    return encode_chat(tok, [{"role": "user", "content": prompt}])[0] + chat_header(tok, "assistant")
 
 
 def span_weights(tok, ids: list[int], mask: list[int], answer_weight: float, think_weight: float) -> list[float]:
     """Per-token loss weights of one example: think_weight from a <think> token to the matching </think>
     (tags included), answer_weight on the other assistant tokens (the answer and its <|im_end|>), 1 where
     the mask is 0 (those positions carry no loss anyway). The tags are found by their token ids, which
-    are single pieces of the tokenizer, so a literal "<think>" spelled out of smaller pieces is not a tag."""
+    only the template writes (encode_chat), so a "<think>" in the text of an answer is not a tag."""
     think, end_think = tok.special["<think>"], tok.special["</think>"]
     weights, inside = [], False
     for i, m in zip(ids, mask):

@@ -7,17 +7,23 @@ A sentencepiece BPE tokenizer trained on the training corpus, shared by the teac
   newline into a space and squeeze runs of spaces, which breaks any chat or Q/A format ("Q: x\\nA:" would
   come back as "Q: x A:").
 - The chat tags are user-defined symbols, so each is always exactly one piece, whatever the text around it.
+  Sentencepiece matches them in any text it encodes, so encode() breaks a literal tag in plain text into
+  ordinary pieces: a "<|im_end|>" typed in a message (or written by a teacher) cannot end a turn. Only the
+  chat template (model/data.py) writes the tags, as their ids, or markup that asks for them (allow_special).
 """
 
 import hashlib
 import io
+import re
 from pathlib import Path
 
 import sentencepiece as spm
 
 from model.common import UserError, atomic_write_bytes
+from model.data import document_text
 
 SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+SPECIAL_RE = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
 
 
 class Tokenizer:
@@ -34,8 +40,19 @@ class Tokenizer:
         self.pad_id, self.eos_id = self.sp.pad_id(), self.sp.eos_id()
         self.special = {tok: self.sp.piece_to_id(tok) for tok in SPECIAL_TOKENS}
 
-    def encode(self, text: str) -> list[int]:
-        return self.sp.encode(text)
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        """Token ids of text. By default text is only text: a literal tag in it is spelled with ordinary
+        pieces (its first character encoded apart, so sentencepiece cannot match the tag) and decodes back
+        to the same string; text without tags encodes as sentencepiece does. allow_special=True lets the
+        tags become their control ids, for text whose tags are markup (see model.data.tokenize_split)."""
+        if allow_special:
+            return self.sp.encode(text)
+        ids, start = [], 0
+        for m in SPECIAL_RE.finditer(text):
+            tag = m.group()
+            ids += self.sp.encode(text[start:m.start()]) + self.sp.encode(tag[:1]) + self.sp.encode(tag[1:])
+            start = m.end()
+        return ids + self.sp.encode(text[start:])
 
     def decode(self, ids) -> str:
         return self.sp.decode(list(ids))
@@ -62,9 +79,10 @@ def train_tokenizer(texts, path, vocab_size: int) -> Tokenizer:
 
 
 def get_tokenizer(out_dir, docs, vocab_size: int) -> Tokenizer:
-    """<out_dir>/tokenizer.model if it exists (the teacher was trained with it), else train one on docs."""
+    """<out_dir>/tokenizer.model if it exists (the teacher was trained with it), else train one on docs
+    (documents as model.data.load_corpus returns them: texts or conversations)."""
     path = Path(out_dir) / "tokenizer.model"
     if path.is_file():
         return Tokenizer(path)
     print(f"training a {vocab_size}-piece BPE tokenizer -> {path}")
-    return train_tokenizer(docs, path, vocab_size)
+    return train_tokenizer(map(document_text, docs), path, vocab_size)

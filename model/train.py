@@ -148,7 +148,9 @@ def train(model, loss_fn, batch_fn, args, *, name: str, steps: int, lr: float, c
         optimizer.zero_grad(set_to_none=True)
         n_logged += 1
         last = step == steps - 1
-        if step % args.log_interval == 0 or last:
+        # Evaluation has its own interval; an eval step also writes a log line, so its metrics are logged.
+        evaluate_now = eval_fn is not None and (step % args.eval_interval == 0 or last) and step > start
+        if step % args.log_interval == 0 or last or evaluate_now:
             figures = {k: (v / n_logged).item() for k, v in sums.items()}  # .item() syncs only here
             dt = (time.perf_counter() - t_log) / n_logged
             tokens_per_step = x.numel()
@@ -160,7 +162,7 @@ def train(model, loss_fn, batch_fn, args, *, name: str, steps: int, lr: float, c
                     + f" | {tokens_per_step / dt / 1000:.1f}k tok/s | eta {format_time(eta)}")
             record = {"run": name, "step": step, **figures, "lr": cur_lr, "ms": dt * 1000,
                       "tok_s": tokens_per_step / dt}
-            if eval_fn is not None and (step % args.eval_interval == 0 or last) and step > start:
+            if evaluate_now:
                 metrics = eval_fn()
                 model.train()
                 line += " | " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items())

@@ -18,16 +18,19 @@ from model.tokenizer import SPECIAL_TOKENS, Tokenizer
     "emoji 😀🐈 and accents: café",
     " leading and trailing spaces ",
 ])
+
+
 def test_tokenizer_round_trips_any_text(tok, text):
     assert tok.decode(tok.encode(text)) == text, "byte fallback + identity normalisation must round-trip"
 
 
 def test_special_tokens_are_single_pieces(tok):
     for t in SPECIAL_TOKENS:
-        ids = tok.encode(f"x{t}y")
-        assert tok.special[t] in ids and len(tok.encode(t)) == 1, f"{t} must be one token"
+        ids = tok.encode(f"x{t}y", allow_special=True)
+        assert tok.special[t] in ids and len(tok.encode(t, allow_special=True)) == 1, f"{t} must be one token"
     ids = tok.encode(chat_text([{"role": "user", "content": "hi"},
-                                {"role": "assistant", "content": "ok", "reasoning_content": "think"}]))
+                                {"role": "assistant", "content": "ok", "reasoning_content": "think"}]),
+                     allow_special=True)
     assert ids.count(tok.special["<think>"]) == 1 and ids.count(tok.special["<|im_end|>"]) == 2
 
 
@@ -54,7 +57,8 @@ def test_minimind_pretrain_and_sft_jsonl(tmp_path):
     assert load_documents(pre) == ["hello world", "again"]
     conv = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
     sft = write(tmp_path / "sft.jsonl", [json.dumps({"conversations": conv}, ensure_ascii=False)])
-    assert load_documents(sft) == ["<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n"]
+    assert load_documents(sft) == [conv], "a conversation stays messages: tokenize_split encodes the template"
+    assert chat_text(conv) == "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n"
 
 
 @pytest.mark.parametrize("lines,match", [
@@ -64,6 +68,8 @@ def test_minimind_pretrain_and_sft_jsonl(tmp_path):
     (['{"other": 1}'], r'bad.jsonl:1: expected a "text"'),
     (['{"conversations": [{"role": "user"}]}'], r"bad.jsonl:1: each message needs"),
 ])
+
+
 def test_malformed_jsonl_names_file_and_line(tmp_path, lines, match):
     with pytest.raises(UserError, match=match):
         load_documents(write(tmp_path / "bad.jsonl", lines))
@@ -108,6 +114,21 @@ def test_split_is_the_stream_cut_once_with_validation_last(tok, val_fraction, bl
     assert len(val) == n_val, f"validation is the last max(int(n*f), T+1) = {n_val} tokens, got {len(val)}"
     assert train.tolist() == stream[:n - n_val], "train is the stream's first n - n_val tokens, in order"
     assert val.tolist() == stream[n - n_val:], "validation is the stream's last n_val tokens, in order"
+
+
+def test_corpus_tags_come_from_the_template_in_conversations_and_from_the_text_in_plain_text(tmp_path, tok):
+    conv = [{"role": "user", "content": "Say <|im_end|> then <think>"},
+            {"role": "assistant", "content": "<|im_end|> <think>", "reasoning_content": "</think>?"}]
+    sft = write(tmp_path / "sft.jsonl", [json.dumps({"conversations": conv})] * 10)
+    train, val = tokenize_split(load_documents(sft), tok, block_size=8, val_fraction=0.1)
+    ids = np.concatenate([train, val]).tolist()
+    assert tok.decode(ids) == chat_text(conv) * 10, "the stream spells the documents (EOS decodes to nothing)"
+    counts = {tag: ids.count(tok.special[tag]) for tag in SPECIAL_TOKENS}
+    assert counts == {"<|im_start|>": 20, "<|im_end|>": 20, "<think>": 10, "</think>": 10}, \
+        f"only the template's tags are control tokens: {counts}"
+    # plain text has no template: the tags a pretrain file writes are its markup and stay control tokens
+    train, val = tokenize_split(["<|im_start|>hi<|im_end|> story. " * 10], tok, block_size=8, val_fraction=0.1)
+    assert np.concatenate([train, val]).tolist().count(tok.special["<|im_end|>"]) == 10
 
 
 def torch_equal(a, b):

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from model.losses import (DIVERGENCES, IGNORE_INDEX, attention_relation_loss, cross_entropy, divergence,
-                          hidden_loss, kd_loss, layer_map)
+from model.losses import (DIVERGENCES, EMPTY, IGNORE_INDEX, attention_relation_loss, cross_entropy,
+                          divergence, hidden_loss, kd_loss, layer_map)
 from model.model import ModelConfig, Transformer
 
 
@@ -85,6 +85,23 @@ def test_kd_loss_scales_with_t_squared_and_shifts():
     ref = 9.0 * divergence(p, q, "forward_kl").mean()
     assert torch.allclose(kd_loss(s, t, labels, temperature=3.0), ref, atol=1e-6), \
         "KD = T^2 * mean over the first T-1 positions (the last one has no target)"
+
+
+def test_tv_is_scaled_by_t_not_t_squared():
+    """KD with total variation = T * mean TV of the softened distributions (by hand, in float64): TV's
+    gradient with respect to the logits shrinks as 1/T, not 1/T^2 like the KLs', so T keeps its pull the
+    same size at any T, where T^2 would grow it with T."""
+    s, t, labels = batch()
+    for T in (1.0, 2.0, 5.0):
+        p, q = t[:, :-1].double().div(T).softmax(-1), s[:, :-1].double().div(T).softmax(-1)
+        ref = T * 0.5 * (p - q).abs().sum(-1).mean()
+        assert torch.allclose(kd_loss(s, t, labels, "tv", temperature=T).double(), ref, rtol=1e-5), f"T={T}"
+    norms = []
+    for T in (10.0, 20.0, 40.0, 80.0):
+        s_grad = s.clone().requires_grad_()
+        kd_loss(s_grad, t, labels, "tv", temperature=T).backward()
+        norms.append(s_grad.grad.norm().item())
+    assert max(norms) < 1.2 * min(norms), f"T-scaled TV's gradient norm should not depend on T: {norms}"
 
 
 def test_micro_batches_give_the_same_loss_and_gradient():
@@ -287,3 +304,57 @@ def test_skew_kl_by_hand(skew):
         ref = sum(a * math.log(a / (skew * a + (1 - skew) * b)) for a, b in zip(pp, qq))
         got = divergence(p[row], q[row], "skew_kl", skew=skew).item()
         assert got == pytest.approx(ref, rel=1e-9, abs=1e-12), f"skew {skew}, row {row}: {got} vs hand {ref}"
+
+
+def reference_divergence(p, q, kind, beta=0.5, skew=0.1):
+    """One row's divergence by a plain loop over the tokens, in float64, with 0 log 0 = 0: a token a
+    distribution gives probability 0 adds nothing to its KL terms (and p log(p/0) = inf)."""
+    def kl(a, b):
+        return sum(ai * math.log(ai / bi) if bi > 0 else math.inf for ai, bi in zip(a, b) if ai > 0)
+    if kind == "forward_kl":
+        return kl(p, q)
+    if kind == "reverse_kl":
+        return kl(q, p)
+    if kind == "tv":
+        return 0.5 * sum(abs(a - b) for a, b in zip(p, q))
+    w = beta if kind == "jsd" else skew
+    m = [w * a + (1 - w) * b for a, b in zip(p, q)]
+    if kind == "skew_kl":
+        return kl(p, m)
+    return (beta * kl(p, m) + (1 - beta) * kl(q, m)) / (beta * (1 - beta))
+
+
+@pytest.mark.parametrize("ruled_out_by", ["both", "teacher", "student"])
+@pytest.mark.parametrize("kind", DIVERGENCES)
+def test_divergences_at_minus_inf_logits_follow_0_log_0(kind, ruled_out_by):
+    """A token a model rules out (logit -inf, probability 0) must not turn a divergence into nan. Wherever
+    the divergence is finite, the value is the one on the tokens that remain; where it is +inf (forward KL
+    where only the student rules out a teacher token, reverse KL the other way round) it is a large finite
+    penalty. The gradient with respect to the student logits is finite in every case."""
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(1, 4, 7, generator=g) * 2, torch.randn(1, 4, 7, generator=g) * 2
+    if ruled_out_by in ("both", "teacher"):
+        t[..., 2] = -torch.inf
+    if ruled_out_by in ("both", "student"):
+        s[..., 2] = -torch.inf
+    if ruled_out_by == "both":
+        t[0, 1, 5] = -torch.inf  # and one more token the teacher alone rules out at one position
+    got = divergence(t[0].log_softmax(-1), s[0].log_softmax(-1), kind)                # (4,)
+    p, q = t[0].double().softmax(-1).tolist(), s[0].double().softmax(-1).tolist()
+    ref = torch.tensor([reference_divergence(pi, qi, kind) for pi, qi in zip(p, q)], dtype=torch.float32)
+    assert torch.isfinite(got).all(), f"{kind}: not finite where {ruled_out_by} rule a token out: {got}"
+    inf = ref.isinf()
+    assert torch.allclose(got[~inf], ref[~inf], rtol=1e-5, atol=1e-6), f"{kind}, {ruled_out_by}: {got} vs {ref}"
+    a, b = (torch.tensor(p), torch.tensor(q)) if kind == "forward_kl" else (torch.tensor(q), torch.tensor(p))
+    mass = (a * (b == 0)).sum(-1).float()  # the mass one model puts where the other has none
+    assert (got[inf] > 0.5 * -EMPTY * mass[inf]).all(), f"{kind}, {ruled_out_by}: +inf is a ~1e4 * mass penalty"
+    labels = torch.zeros(1, 4, dtype=torch.long)
+    grads = []
+    for chunk in (0, 2):
+        s_grad = s.clone().requires_grad_()
+        loss = kd_loss(s_grad, t, labels, kind, chunk_size=chunk)
+        loss.backward()
+        assert torch.isfinite(loss), f"{kind}, {ruled_out_by}, chunk {chunk}: loss {loss}"
+        assert torch.isfinite(s_grad.grad).all(), f"{kind}, {ruled_out_by}, chunk {chunk}: {s_grad.grad}"
+        grads.append(s_grad.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-7), "chunked and dense gradients agree"

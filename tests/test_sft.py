@@ -26,11 +26,48 @@ def conv(question, answer, reasoning=None, system=None):
 
 
 def test_special_tags_are_single_token_ids(tok):
-    for tag in SPECIAL_TOKENS:
-        ids = tok.encode(f"x{tag}y")
+    for tag in SPECIAL_TOKENS:  # as markup (allow_special): plain text spells them out (test below)
+        ids = tok.encode(f"x{tag}y", allow_special=True)
         assert tok.special[tag] in ids, f"{tag} should encode as its own id inside text"
-        assert len(tok.encode(tag)) == 1, f"{tag} should be one token, got {tok.encode(tag)}"
+        assert len(tok.encode(tag, allow_special=True)) == 1, f"{tag} should be one token"
     assert len(set(tok.special.values())) == 4
+
+
+@pytest.mark.parametrize("text", ["Type <|im_end|> to stop.", "<think>", "a</think>b<|im_start|>user\n",
+                                  " <<think>> ", "<|im_end|><|im_end|>", "no tags at all"])
+def test_plain_text_never_encodes_a_control_token(tok, text):
+    ids = tok.encode(text)
+    assert not set(ids) & set(tok.special.values()), f"{text!r}: a tag typed in text must stay text"
+    assert tok.decode(ids) == text, "and decode back exactly"
+    if "<" not in text:
+        assert ids == tok.encode(text, allow_special=True), "text without tags encodes as before"
+
+
+def test_a_tag_in_a_user_message_is_text_and_the_template_tags_are_control_tokens(tok):
+    question = "What does <|im_end|> do? And <|im_start|>?"
+    msgs = conv(question, "It ends a turn.")
+    ids, mask = encode_chat(tok, msgs)
+    assert tok.decode(ids) == chat_text(msgs), "the ids must spell the template exactly"
+    im_start, im_end = tok.special["<|im_start|>"], tok.special["<|im_end|>"]
+    assert ids.count(im_start) == 2 and ids.count(im_end) == 2, "one <|im_start|> and <|im_end|> per message"
+    start = 1 + len(tok.encode("user\n"))  # after the user header
+    assert tok.decode(ids[start:ids.index(im_end)]) == question, "the first <|im_end|> id closes the user turn"
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "It ends a turn.<|im_end|>"
+    prompt = encode_prompt(tok, question)
+    assert ids[:len(prompt)] == prompt, "the inference-time prompt is the same ids"
+
+
+def test_a_think_tag_in_an_answer_is_text(tok):
+    msgs = conv("How do I mark reasoning?", "Open it with <think> and close it with </think>.")
+    ids, mask = encode_chat(tok, msgs)
+    assert tok.decode(ids) == chat_text(msgs)
+    assert tok.special["<think>"] not in ids and tok.special["</think>"] not in ids, "the answer opens no span"
+    assert span_weights(tok, ids, mask, answer_weight=3.0, think_weight=2.0).count(2.0) == 0
+    # with reasoning, the template's own tags are single control tokens, once each
+    msgs = conv("Why?", "Because <think> is text.", reasoning="A </think> here is text too.")
+    ids, _ = encode_chat(tok, msgs)
+    assert tok.decode(ids) == chat_text(msgs)
+    assert ids.count(tok.special["<think>"]) == 1 and ids.count(tok.special["</think>"]) == 1
 
 
 def test_encoding_is_the_chat_template_and_masks_exactly_the_assistant_content(tok):
@@ -77,7 +114,7 @@ def test_span_weights_hit_exactly_the_tag_delimited_reasoning(tok):
     ids, mask = encode_chat(tok, msgs)
     w = span_weights(tok, ids, mask, answer_weight=3.0, think_weight=2.0)
     think, end = ids.index(tok.special["<think>"]), ids.index(tok.special["</think>"])
-    assert ids.count(tok.special["<think>"]) == 2, "the literal '<think>' in the reasoning is a tag id too"
+    assert ids.count(tok.special["<think>"]) == 1, "the literal '<think>' in the reasoning is text, not a tag"
     for i, (m, wi) in enumerate(zip(mask, w)):
         expected = 1.0 if not m else 2.0 if think <= i <= end else 3.0
         assert wi == expected, f"position {i} ({tok.decode([ids[i]])!r}): weight {wi}, expected {expected}"

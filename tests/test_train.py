@@ -248,3 +248,25 @@ def test_evaluate_teacher_metrics_match_a_naive_loop():
     out = evaluate(model, batches, "cpu", "fp32", teacher=teacher)
     assert out["kl_from_teacher"] == pytest.approx(kl, abs=1e-5), f"KL(teacher || model) = {kl:.5f}, not {reverse:.5f}"
     assert out["top1_agreement"] == pytest.approx(agree, abs=1e-6), "share of positions whose argmaxes agree"
+
+
+def test_evaluation_runs_every_eval_interval_whatever_the_log_interval(tmp_path):
+    tokens = torch.randint(0, 64, (500,), generator=torch.Generator().manual_seed(1)).numpy()
+    model = tiny_model(64)
+    n_evals = [0]
+
+    def ce(x, labels):
+        loss = cross_entropy(model(x)["logits"], labels)
+        return loss, {"loss": loss}
+
+    def eval_fn():
+        n_evals[0] += 1
+        return {"val_loss": 1.0}
+
+    train(model, ce, lambda step: get_batch(tokens, step, 2, 8, 0), loop_args(log_interval=3, eval_interval=2),
+          name="e", steps=8, lr=1e-3, ckpt_path=tmp_path / "e.pt", logger=Logger(tmp_path / "log.jsonl"),
+          tokenizer_sha256="abc", eval_fn=eval_fn)
+    assert n_evals[0] == 4, f"steps 2, 4, 6 and the last (7) must evaluate, got {n_evals[0]} evaluations"
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_loss" in r] == [2, 4, 6, 7]
+    assert [r["step"] for r in records] == [0, 2, 3, 4, 6, 7], "log steps 0, 3, 6, 7 plus the eval steps"

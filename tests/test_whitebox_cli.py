@@ -146,3 +146,10 @@ def test_init_from_teacher_needs_the_same_architecture_but_depth(teacher_cfg, fr
     for f in fragments:
         assert f in msg, f"{f!r} not in {msg!r}"
     assert "n_layer" not in msg and "max_seq_len" not in msg, "depth and length may differ"
+
+
+@pytest.mark.parametrize("skew", ["1.5", "1"])  # 1.5: a raw ValueError in math.log later; 1: KD silently 0
+def test_skew_outside_0_1_is_a_one_line_flag_error(skew, tmp_path, one_line_error):
+    r = run("--skew", skew, "--data", str(tmp_path / "missing.txt"))  # accepted, it would stop at the data
+    one_line_error(r, "--skew", skew)
+    assert r.returncode == 2, "a bad flag exits 2, like argparse"
