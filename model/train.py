@@ -200,8 +200,9 @@ def evaluate(model, batches, device: str, dtype: str, teacher=None) -> dict:
         if teacher is not None:
             with autocast(device, dtype):
                 t_logits = teacher(x)["logits"]
-            s_logp = logits[:, :-1].float().log_softmax(-1)                          # (B, T-1, V)
-            t_logp = t_logits[:, :-1].float().log_softmax(-1)
+            mask = target_mask(labels)                                                # (B, T-1)
+            s_logp = logits[:, :-1][mask].float().log_softmax(-1)                    # (N, V) real targets only
+            t_logp = t_logits[:, :-1][mask].float().log_softmax(-1)
             agree += (s_logp.argmax(-1) == t_logp.argmax(-1)).sum()
             kl_sum += (t_logp.exp() * (t_logp - s_logp)).sum()
         n += count

@@ -270,3 +270,17 @@ def test_evaluation_runs_every_eval_interval_whatever_the_log_interval(tmp_path)
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "val_loss" in r] == [2, 4, 6, 7]
     assert [r["step"] for r in records] == [0, 2, 3, 4, 6, 7], "log steps 0, 3, 6, 7 plus the eval steps"
+
+
+def test_evaluate_teacher_metrics_skip_padded_positions():
+    """Agreement and KL count only the real target positions, like the loss (padding would add positions
+    to the sums that the count does not have)."""
+    V = 7
+    model, teacher = Bigram(V, seed=0), Bigram(V, seed=1, scale=3.0)
+    x = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(3))
+    labels = x.clone()
+    labels[0, 5:] = IGNORE_INDEX
+    _, agree, kl = naive_metrics(model, [(x, labels)], teacher)
+    out = evaluate(model, [(x, labels)], "cpu", "fp32", teacher=teacher)
+    assert out["kl_from_teacher"] == pytest.approx(kl, abs=1e-5), "KL over the real targets only"
+    assert out["top1_agreement"] == pytest.approx(agree, abs=1e-6), "agreement over the real targets only"
