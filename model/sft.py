@@ -25,6 +25,7 @@ from model.data import chat_header, encode_message, read_jsonl, split_think
 from model.losses import IGNORE_INDEX, cross_entropy
 from model.model import generate
 
+
 # ----------------------------------------------------------------------------------------------------------
 # chat template -> token ids and loss mask
 
