@@ -37,6 +37,17 @@ def chat_text(messages: list[dict]) -> str:
     return "".join(parts)
 
 
+def split_think(content: str, reasoning: str | None = None) -> tuple[str, str | None]:
+    """Move a leading <think>...</think> block out of an answer into the reasoning, as minimind's r1 data
+    and some servers (e.g. Ollama with reasoning models) inline it. chat_text() puts it back as
+    <think>\nREASONING\n</think>\nANSWER, so the text the student trains on is the same either way."""
+    stripped = content.lstrip()
+    if stripped.startswith("<think>") and "</think>" in stripped:
+        inline, _, content = stripped[len("<think>"):].partition("</think>")
+        reasoning = reasoning or inline.strip()
+    return content.strip(), reasoning or None
+
+
 def chat_header(tok, role: str) -> list[int]:
     """The ids of "<|im_start|>role\\n", a message's header in chat_text's template."""
     return [tok.special["<|im_start|>"]] + tok.encode(f"{role}\n")
@@ -84,14 +95,21 @@ def read_jsonl(path) -> list[tuple[int, dict]]:
 
 
 def conversation(path, lineno: int, obj: dict) -> list[dict]:
-    """Check one SFT record's "conversations" list and return it."""
+    """Check one SFT record's "conversations" list and return it. An answer that starts with an inline
+    <think>...</think> block (minimind's r1 files) gets it as reasoning_content, as model/teachers.py
+    does, so that the template writes its tags: in a message's text they would be plain text."""
     conv = obj.get("conversations")
     if not isinstance(conv, list) or not conv:
         raise UserError(f'{path}:{lineno}: "conversations" must be a non-empty list')
+    out = []
     for m in conv:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise UserError(f'{path}:{lineno}: each message needs string "role" and "content"')
-    return conv
+        if m["role"] == "assistant" and m["content"].lstrip().startswith("<think>"):
+            content, reasoning = split_think(m["content"], m.get("reasoning_content"))
+            m = {**m, "content": content, **({"reasoning_content": reasoning} if reasoning else {})}
+        out.append(m)
+    return out
 
 
 def load_documents(path) -> list:

@@ -72,9 +72,10 @@ def divergence(t_logp, s_logp, kind: str, beta: float = 0.5, skew: float = 0.1):
     exactly 0 and each term 0 * (finite) = 0 (0 log 0 = 0), where -inf would give 0 * inf = nan in the
     value or the gradient. So each divergence is finite, and equal to its value on the tokens that remain,
     wherever it is finite mathematically. Where it is +inf (forward KL at a token only the student rules
-    out, reverse KL at one only the teacher rules out) it is a large finite penalty instead, q or
-    p * (log - EMPTY) ~ 1e4 times the mass there, with no gradient through the ruled-out logit. Log-probs
-    above EMPTY (all that finite logits give, short of a 1e4 gap) are unchanged."""
+    out, reverse KL at one only the teacher rules out) it is a large finite penalty instead: the other
+    model's mass there times (its log-prob - EMPTY), about 1e4 times that mass, with no gradient through
+    the ruled-out logit. Log-probs above EMPTY (all that finite logits give, short of a 1e4 gap) are
+    unchanged."""
     t_logp, s_logp = t_logp.clamp_min(EMPTY), s_logp.clamp_min(EMPTY)
     p, q = t_logp.exp(), s_logp.exp()
     if kind == "forward_kl" or (kind == "jsd" and beta == 0.0):

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from model.common import UserError, autocast
-from model.data import chat_header, encode_message, read_jsonl
+from model.data import chat_header, encode_message, read_jsonl, split_think
 from model.losses import IGNORE_INDEX, cross_entropy
 from model.model import generate
-from model.teachers import split_think
+
 
 # ----------------------------------------------------------------------------------------------------------
 # chat template -> token ids and loss mask

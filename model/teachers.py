@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from model.common import UserError
-from model.data import read_jsonl
+from model.data import read_jsonl, split_think
 from model.train import format_time
 
 
@@ -125,17 +125,6 @@ class AnswerCache:
 # ShareGPT speaker names -> chat roles. Exports differ: some say human/gpt, some user/assistant.
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "system": "system"}
-
-
-def split_think(content: str, reasoning: str | None = None) -> tuple[str, str | None]:
-    """Move a leading <think>...</think> block out of an answer into the reasoning, as minimind's r1 data
-    and some servers (e.g. Ollama with reasoning models) inline it. chat_text() puts it back as
-    <think>\nREASONING\n</think>\nANSWER, so the text the student trains on is the same either way."""
-    stripped = content.lstrip()
-    if stripped.startswith("<think>") and "</think>" in stripped:
-        inline, _, content = stripped[len("<think>"):].partition("</think>")
-        reasoning = reasoning or inline.strip()
-    return content.strip(), reasoning or None
 
 
 def message_text(path, lineno: int, content) -> str:

@@ -131,5 +131,16 @@ def test_corpus_tags_come_from_the_template_in_conversations_and_from_the_text_i
     assert np.concatenate([train, val]).tolist().count(tok.special["<|im_end|>"]) == 10
 
 
+def test_an_inline_reasoning_block_in_sft_data_becomes_reasoning_content(tmp_path, tok):
+    """minimind's r1 files write the reasoning inline in the answer: like --teacher_data, --data moves a leading
+    <think>...</think> block to reasoning_content, so the template writes its tags as control tokens."""
+    conv = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>\nadd\n</think>\n4"}]
+    docs = load_documents(write(tmp_path / "r1.jsonl", [json.dumps({"conversations": conv})]))
+    assert docs == [[conv[0], {"role": "assistant", "content": "4", "reasoning_content": "add"}]]
+    assert chat_text(docs[0]) == chat_text(conv), "the text is unchanged"
+    ids = tokenize_split(docs * 20, tok, block_size=8, val_fraction=0.1)[0].tolist()
+    assert tok.special["<think>"] in ids and tok.special["</think>"] in ids
+
+
 def torch_equal(a, b):
     return np.array_equal(a.numpy(), b.numpy())
