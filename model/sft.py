@@ -141,12 +141,17 @@ def generate_answers(model, tok, prompts: list[str], *, temperature: float, top_
         stops = tok.encode(".") + tok.encode("\n")  # a sentence ends at "." (or a line break)
         contexts = [cloze(p) for p in prompts]
         encoded = [tok.encode(context + prefix) for context, prefix, _ in contexts]
-    by_len = {}
+    # A prompt that leaves no room to answer keeps only its last tokens (left truncation), so that a long
+    # prompt in a user's file costs its start, not the run: room for max_new_tokens, or half the positions.
+    room = max(1, model.config.max_seq_len - min(max_new_tokens, model.config.max_seq_len // 2))
+    n_cut, by_len = 0, {}
     for i, ids in enumerate(encoded):
         if len(ids) >= model.config.max_seq_len:
-            raise UserError(f"prompt {prompts[i][:40]!r}... is {len(ids)} tokens, no room to answer within the "
-                            f"model's {model.config.max_seq_len} positions")
-        by_len.setdefault(len(ids), []).append(i)
+            encoded[i], n_cut = ids[-room:], n_cut + 1
+        by_len.setdefault(len(encoded[i]), []).append(i)
+    if n_cut:
+        print(f"note: {n_cut} prompt(s) longer than the model's {model.config.max_seq_len} positions were cut to "
+              f"their last {room} tokens to be answered")
     answers = [None] * len(prompts)
     for length in sorted(by_len):
         group = by_len[length]

@@ -11,7 +11,7 @@ import torch
 
 from model.data import chat_text
 from model.losses import IGNORE_INDEX, cross_entropy
-from model.model import ModelConfig, Transformer
+from model.model import ModelConfig, Transformer, generate
 from model.sft import (answer_perplexity, encode_chat, encode_prompt, exact_match, generate_answers, local_answers,
                        normalize, read_prompts, sft_batch, span_weights)
 from model.teachers import AnswerCache
@@ -270,3 +270,21 @@ def test_answer_perplexity_matches_a_per_example_loop(tok):
     batch_means = [sum(terms[i] + terms[i + 1]) / len(terms[i] + terms[i + 1]) for i in (0, 2)]
     assert abs(math.exp(sum(batch_means) / 2) - ref) > 1e-3 * ref, "test setup: the batches' losses must differ"
     assert got == pytest.approx(ref, rel=1e-5), f"answer perplexity {got} vs per-token loop {ref}"
+
+
+def test_a_prompt_longer_than_the_model_is_cut_from_the_left_not_fatal(tok, capsys):
+    """minimind's SFT prompts reach 512 tokens: one longer than the model's positions must not end a run
+    after training. It is answered from its last tokens, exactly as that shorter prompt would be."""
+    model = tiny_model(tok)
+    long_prompt = "Where does Mia live? " * 40
+    ids = encode_prompt(tok, long_prompt)
+    assert len(ids) > 64, "test setup: the prompt must not fit the 64 positions"
+    kw = dict(temperature=0.0, top_p=1.0, max_new_tokens=8, batch_size=4, device="cpu", dtype="fp32")
+    answers = generate_answers(model, tok, [long_prompt, "Hi"], **kw)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    assert "1 prompt(s) longer than the model's 64 positions were cut to their last 56 tokens" in capsys.readouterr().out
+    # the same as answering the last 56 tokens directly (greedy), decoded the same way
+    out = generate(model, torch.tensor([ids[-56:]]), 8, temperature=0.0, stop_ids=[tok.special["<|im_end|>"]])
+    row = out[0, 56:].tolist()
+    end = next((k for k, t in enumerate(row) if t == tok.special["<|im_end|>"]), len(row))
+    assert answers[0] == tok.decode(row[:end]).strip(), "the cut prompt is answered from its last 56 tokens"
