@@ -202,21 +202,24 @@ def main():
                       eval_fn=lambda: evaluate(student, val_batches, args.device, args.dtype))
     models = {"teacher": teacher, "student": student}
     train_s = {"student": student_s}
-    if not args.no_baseline:
-        baseline = Transformer(student.config).to(args.device)
-        baseline.load_state_dict(init_state)
 
-        baseline_fwd = torch.compile(baseline) if args.compile else baseline
+    def train_baseline(name: str, steps: int):
+        """CE only, from the student's initial weights, on the same (seed, step) batches."""
+        model = Transformer(student.config).to(args.device)
+        model.load_state_dict(init_state)
+        model_fwd = torch.compile(model) if args.compile else model
 
         def ce_step(x, labels, *_):  # ignores the cache rows of an offline run
-            loss = cross_entropy(baseline_fwd(x)["logits"], labels)
+            loss = cross_entropy(model_fwd(x)["logits"], labels)
             return loss, {"loss": loss}
 
-        train_s["baseline"] = train(baseline, ce_step, batch_fn, args, name="baseline", steps=args.steps,
-                                    lr=args.lr, ckpt_path=out_dir / "baseline.pt", logger=logger,
-                                    tokenizer_sha256=tok.sha256,
-                                    eval_fn=lambda: evaluate(baseline, val_batches, args.device, args.dtype))
-        models["baseline"] = baseline
+        train_s[name] = train(model, ce_step, batch_fn, args, name=name, steps=steps, lr=args.lr,
+                              ckpt_path=out_dir / f"{name}.pt", logger=logger, tokenizer_sha256=tok.sha256,
+                              eval_fn=lambda: evaluate(model, val_batches, args.device, args.dtype))
+        models[name] = model
+
+    if not args.no_baseline:
+        train_baseline("baseline", args.steps)
     if args.flops_matched:
         # Equal compute: a KD step also pays for the teacher's forward pass (none per step when offline: the
         # cache was paid for once). The losses' own FLOPs are small next to the models' and are not counted.
@@ -225,19 +228,7 @@ def main():
         fm_steps = round(args.steps * (student_flops + teacher_flops) / student_flops)
         print(f"FLOPs-matched baseline: {fm_steps} CE steps = {args.steps} KD steps x "
               f"{(student_flops + teacher_flops) / student_flops:.2f} (student + teacher forward FLOPs / student's)")
-        fm = Transformer(student.config).to(args.device)
-        fm.load_state_dict(init_state)
-        fm_fwd = torch.compile(fm) if args.compile else fm
-
-        def fm_step(x, labels, *_):
-            loss = cross_entropy(fm_fwd(x)["logits"], labels)
-            return loss, {"loss": loss}
-
-        train_s["baseline_flops_matched"] = train(
-            fm, fm_step, batch_fn, args, name="baseline_flops_matched", steps=fm_steps, lr=args.lr,
-            ckpt_path=out_dir / "baseline_flops_matched.pt", logger=logger, tokenizer_sha256=tok.sha256,
-            eval_fn=lambda: evaluate(fm, val_batches, args.device, args.dtype))
-        models["baseline_flops_matched"] = fm
+        train_baseline("baseline_flops_matched", fm_steps)
 
     # ------------------------------------------------------------------------------------------------------
     # evaluate: the same validation windows for all three
