@@ -201,7 +201,7 @@ def main():
                       aux=projector if use_hidden else None,
                       eval_fn=lambda: evaluate(student, val_batches, args.device, args.dtype))
     models = {"teacher": teacher, "student": student}
-    train_s = {"student": student_s}
+    train_s, train_steps = {"student": student_s}, {"student": args.steps}
 
     def train_baseline(name: str, steps: int):
         """CE only, from the student's initial weights, on the same (seed, step) batches."""
@@ -216,7 +216,7 @@ def main():
         train_s[name] = train(model, ce_step, batch_fn, args, name=name, steps=steps, lr=args.lr,
                               ckpt_path=out_dir / f"{name}.pt", logger=logger, tokenizer_sha256=tok.sha256,
                               eval_fn=lambda: evaluate(model, val_batches, args.device, args.dtype))
-        models[name] = model
+        models[name], train_steps[name] = model, steps
 
     if not args.no_baseline:
         train_baseline("baseline", args.steps)
@@ -239,11 +239,15 @@ def main():
         report[name] = evaluate(model, val_batches, args.device, args.dtype, teacher=teacher)
         report[name]["params"] = model.num_params()
         report[name]["train_s"] = train_s.get(name)
-    if "baseline_flops_matched" in report:
-        report["baseline_flops_matched"]["steps"] = fm_steps
+        report[name]["steps"] = train_steps.get(name)
     if "baseline" in report:
         l_t, l_s, l_b = (report[k]["val_loss"] for k in ("teacher", "student", "baseline"))
         report["gap_closed"] = (l_b - l_s) / (l_b - l_t) if l_b != l_t else None
+    # Steps to match: the student's steps at its first evaluation (every --eval_interval) at or below a
+    # baseline's final val loss; None if it never got there.
+    student_curve = [(r["step"] + 1, r["val_loss"]) for r in logger.records if r["run"] == "student" and "val_loss" in r]
+    report["steps_to_match"] = {name: next((n for n, v in student_curve if v <= report[name]["val_loss"]), None)
+                                for name in ("baseline", "baseline_flops_matched") if name in report}
     report["wall_s"] = time.perf_counter() - t_start
     report["args"] = vars(args)
 
@@ -257,6 +261,10 @@ def main():
     if report.get("gap_closed") is not None:
         print(f"share of the teacher gap closed by distillation: {report['gap_closed']:.1%} "
               f"(baseline - student) / (baseline - teacher) in val loss")
+    for name, n in report["steps_to_match"].items():
+        print(f"steps to match {name} ({report[name]['val_loss']:.4f} after {train_steps[name]} steps): "
+              + (f"the student got there after {n} of its {args.steps} steps" if n else "the student never got there")
+              + f" (evaluated every {args.eval_interval})")
 
     prompt = val_batches[0][0][:1, :16].to(args.device)  # the first 16 validation tokens
     print(f"\nsamples (temperature 0.8, top-k 50) after the prompt {tok.decode(prompt[0].tolist())!r}:")

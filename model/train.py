@@ -84,14 +84,17 @@ def format_time(seconds: float) -> str:
 
 
 class Logger:
-    """Prints one fixed-format line per interval and appends the same figures to a JSONL file."""
+    """Prints one fixed-format line per interval and appends the same figures to a JSONL file. This run's
+    records also stay in memory (the file may hold earlier runs' too), e.g. to find when a loss was reached."""
 
     def __init__(self, path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.records = []
 
     def log(self, line: str, record: dict):
         print(line, flush=True)
+        self.records.append(record)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -269,6 +272,10 @@ def check_optim_args(parser, args, positive=()):
 # ----------------------------------------------------------------------------------------------------------
 # the teacher: loaded from --teacher, or pretrained with plain next-token CE when the default is missing
 
+TEACHER_FLAGS = ("teacher_layers", "teacher_dim", "teacher_heads", "teacher_kv_heads", "teacher_steps", "teacher_lr",
+                 "teacher_seed")
+
+
 def add_teacher_args(parser):
     """The teacher flags, shared by both scripts so that they load or build the same teacher."""
     parser.add_argument("--teacher", default=None,
@@ -279,16 +286,25 @@ def add_teacher_args(parser):
     parser.add_argument("--teacher_kv_heads", type=int, default=2, help="teacher pretraining: key/value heads")
     parser.add_argument("--teacher_steps", type=int, default=700, help="teacher pretraining: optimizer steps")
     parser.add_argument("--teacher_lr", type=float, default=2e-3, help="teacher pretraining: peak learning rate")
+    parser.add_argument("--teacher_seed", type=int, default=1337,
+                        help="teacher pretraining: seed of its init and batch order (--seed is the student's)")
 
 
 def get_teacher(args, tok, train_tokens, logger: Logger) -> Transformer:
     """Load the teacher in eval mode with frozen weights. If --teacher was not given and
     <out_dir>/teacher.pt is missing, pretrain one first and save it there."""
     path = Path(args.teacher or Path(args.out_dir) / "teacher.pt")
+    if args.teacher is None and path.is_file():  # the cached default teacher must be the one these flags ask for
+        saved = load_checkpoint(path, "--teacher")["args"]
+        diffs = [f"--{k} {saved.get(k)} (now {getattr(args, k)})" for k in TEACHER_FLAGS
+                 if saved.get(k) != getattr(args, k)]
+        if diffs:
+            raise UserError(f"{path} was pretrained with other settings: {', '.join(diffs)}; delete it to pretrain "
+                            f"a new one, use another --out_dir, or pass --teacher {path} to use it as it is")
     if args.teacher is None and not path.is_file():
         print(f"no teacher at {path}: pretraining one ({args.teacher_layers} layers, C={args.teacher_dim}, "
               f"{args.teacher_steps} steps); later runs reuse it")
-        torch.manual_seed(args.seed)
+        torch.manual_seed(args.teacher_seed)
         teacher = Transformer(ModelConfig(
             vocab_size=tok.vocab_size, n_layer=args.teacher_layers, n_embd=args.teacher_dim,
             n_head=args.teacher_heads, n_kv_head=args.teacher_kv_heads, max_seq_len=args.block_size)
@@ -299,9 +315,11 @@ def get_teacher(args, tok, train_tokens, logger: Logger) -> Transformer:
             loss = cross_entropy(teacher(x)["logits"], labels)
             return loss, {"loss": loss}
 
-        train(teacher, ce_only, lambda step: get_batch(train_tokens, step, args.batch_size, args.block_size,
-                                                       args.seed), args, name="teacher", steps=args.teacher_steps,
-              lr=args.teacher_lr, ckpt_path=ckpt_tmp, logger=logger, tokenizer_sha256=tok.sha256)
+        def teacher_batch(step):
+            return get_batch(train_tokens, step, args.batch_size, args.block_size, args.teacher_seed)
+
+        train(teacher, ce_only, teacher_batch, args, name="teacher", steps=args.teacher_steps, lr=args.teacher_lr,
+              ckpt_path=ckpt_tmp, logger=logger, tokenizer_sha256=tok.sha256)
         ckpt_tmp.rename(path)
     ckpt = load_checkpoint(path, "--teacher")
     teacher = model_from_checkpoint(ckpt, path, "--teacher", tok).to(args.device).eval()

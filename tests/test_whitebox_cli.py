@@ -53,6 +53,28 @@ def test_default_flow_writes_the_report(first_run):
         assert rec["loss"] == pytest.approx(mix, rel=1e-5), \
             f"step {rec['step']}: loss = alpha * ce + (1 - alpha) * kd + hid + attn"
     assert "share of the teacher gap closed" in r.stdout and "--- student:" in r.stdout
+    # steps to match: the student's steps done at its first logged evaluation at or below the baseline's final
+    # val loss (TINY evaluates at steps 2 and 3, i.e. after 3 and 4 steps), read back from the log file
+    evals = [(rec["step"] + 1, rec["val_loss"]) for rec in log if rec["run"] == "student" and "val_loss" in rec]
+    assert [n for n, _ in evals] == [3, 4]
+    reached = [n for n, v in evals if v <= report["baseline"]["val_loss"]]
+    assert report["steps_to_match"] == {"baseline": reached[0] if reached else None}
+    assert "steps to match baseline" in r.stdout
+
+
+def test_a_cached_teacher_pretrained_with_other_flags_is_not_reused_silently(first_run, tmp_path, monkeypatch):
+    """out_dir/teacher.pt records the flags it was pretrained with; asking for another teacher (here another
+    --teacher_seed) must not quietly reuse it: a one-line error says what differs and how to go on."""
+    out, _ = first_run
+    for f in ("teacher.pt", "tokenizer.model"):
+        shutil.copy(out / f, tmp_path / f)
+    monkeypatch.setattr(sys, "argv", ["train_distill_whitebox.py", *TINY, "--out_dir", str(tmp_path),
+                                      "--teacher_seed", "5", "--teacher_steps", "6"])
+    with pytest.raises(UserError) as e:
+        whitebox.main()
+    msg = str(e.value)
+    assert "\n" not in msg and "--teacher_seed 1337 (now 5)" in msg and "--teacher_steps 4 (now 6)" in msg, msg
+    assert "--teacher " in msg, "the message says how to use it anyway"
 
 
 def test_second_run_reuses_the_teacher(first_run):
