@@ -167,14 +167,14 @@ def main():
     student_fwd, teacher_fwd = (torch.compile(student), torch.compile(teacher)) if args.compile else (student, teacher)
 
     def kd_step(x, labels, *cached):
-        s_out = student_fwd(x, output_hidden_states=use_hidden, attn_layer=-1 if use_attn else None)
+        s_out = student_fwd(x, output_hidden_states=use_hidden, output_qkv=use_attn)
         ce = cross_entropy(s_out["logits"], labels)
         if cached:  # offline: the (ids, logp, tail) cache rows of these windows stand in for the teacher
             kd = topk_kd_loss(s_out["logits"], *cached, labels, args.divergence, args.temperature,
                               args.jsd_beta, args.skew)
         else:  # inference_mode: no autograd bookkeeping and no kept activations for the frozen teacher
             with torch.inference_mode():
-                t_out = teacher_fwd(x, output_hidden_states=use_hidden, attn_layer=-1 if use_attn else None)
+                t_out = teacher_fwd(x, output_hidden_states=use_hidden, output_qkv=use_attn)
             kd = kd_loss(s_out["logits"], t_out["logits"], labels, args.divergence, args.temperature,
                          args.jsd_beta, args.skew, args.kd_chunk_size)
         loss = args.alpha * ce + (1 - args.alpha) * kd
@@ -185,7 +185,7 @@ def main():
             parts["hid"] = hidden_loss(s_states, t_states, labels, args.hidden_loss)
             loss = loss + args.hidden_weight * parts["hid"]
         if use_attn:
-            parts["attn"] = attention_relation_loss(s_out["qkv"], t_out["qkv"], labels, args.attn_heads)
+            parts["attn"] = attention_relation_loss(s_out["qkv"][-1], t_out["qkv"][-1], labels, args.attn_heads)
             loss = loss + args.attn_weight * parts["attn"]
         return loss, {"loss": loss, **parts}
 

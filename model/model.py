@@ -164,13 +164,13 @@ class Transformer(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, output_hidden_states=False, attn_layer=None, kv_caches=None, start_pos=0):
+    def forward(self, idx, output_hidden_states=False, output_qkv=False, kv_caches=None, start_pos=0):
         """idx: (B, T) token ids. Returns a dict:
           logits        (B, T, V): every position, since distillation compares whole distributions;
           hidden_states list of L+1 tensors (B, T, C): the embeddings, then each block's output
                         (only if output_hidden_states);
-          qkv           (q, k, v) of layer attn_layer, each (B, H, T, D) with K/V repeated to H heads
-                        (only if attn_layer is not None; -1 means the last layer);
+          qkv           list of L (q, k, v), one per block, each (B, H, T, D) with K/V repeated to H
+                        heads (only if output_qkv);
           kv_caches     the updated per-layer caches (only if kv_caches is given, for generation)."""
         B, T = idx.shape
         if start_pos + T > self.config.max_seq_len:
@@ -179,18 +179,18 @@ class Transformer(nn.Module):
         cos = self.rope_cos[start_pos:start_pos + T]                                  # (T, D/2)
         sin = self.rope_sin[start_pos:start_pos + T]
         x = self.embed_tokens(idx)                                                    # (B, T, C)
-        hidden_states = [x]
-        attn_layer = None if attn_layer is None else attn_layer % self.config.n_layer
+        hidden_states, qkvs = [x], []
         out, new_caches = {}, []
         for i, layer in enumerate(self.layers):
             x, cache, qkv = layer(x, cos, sin, None if kv_caches is None else kv_caches[i])
             new_caches.append(cache)
             hidden_states.append(x)
-            if i == attn_layer:
-                out["qkv"] = qkv
+            qkvs.append(qkv)
         out["logits"] = self.lm_head(self.norm(x))                                    # (B, T, V)
         if output_hidden_states:
             out["hidden_states"] = hidden_states
+        if output_qkv:
+            out["qkv"] = qkvs
         if kv_caches is not None:
             out["kv_caches"] = new_caches
         return out

@@ -162,17 +162,17 @@ def test_attention_relation_loss_across_widths():
     s = Transformer(ModelConfig(vocab_size=32, n_layer=1, n_embd=16, n_head=2, n_kv_head=1, max_seq_len=16))
     x = torch.randint(0, 32, (2, 10))
     labels = x.clone()
-    t_qkv = t(x, attn_layer=-1)["qkv"]
+    t_qkv = t(x, output_qkv=True)["qkv"][-1]
     self_loss = attention_relation_loss(t_qkv, t_qkv, labels, n_rel_heads=4)
     assert self_loss.abs() < 1e-6, "a model's relations match themselves"
-    loss = attention_relation_loss(s(x, attn_layer=-1)["qkv"], t_qkv, labels, n_rel_heads=4)
+    loss = attention_relation_loss(s(x, output_qkv=True)["qkv"][-1], t_qkv, labels, n_rel_heads=4)
     assert loss > 0 and torch.isfinite(loss)
     loss.backward()
     grads = [p.grad for p in s.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads), "no nan from the masked (future) entries"
     # padding invariance holds for the relation loss too
     xp, lp = pad(x, 3, 0), pad(labels, 3, IGNORE_INDEX)
-    padded = attention_relation_loss(s(xp, attn_layer=-1)["qkv"], t(xp, attn_layer=-1)["qkv"], lp, 4)
+    padded = attention_relation_loss(s(xp, output_qkv=True)["qkv"][-1], t(xp, output_qkv=True)["qkv"][-1], lp, 4)
     assert torch.allclose(padded, loss, atol=1e-5)
 
 
@@ -184,7 +184,7 @@ def test_attention_relation_loss_is_fp32_under_bf16_autocast():
     s = Transformer(ModelConfig(vocab_size=32, n_layer=1, n_embd=16, n_head=2, n_kv_head=1, max_seq_len=16))
     x = torch.randint(0, 32, (2, 12))
     with torch.no_grad():
-        s_qkv, t_qkv = s(x, attn_layer=-1)["qkv"], t(x, attn_layer=-1)["qkv"]  # fp32 inputs for both runs
+        s_qkv, t_qkv = s(x, output_qkv=True)["qkv"][-1], t(x, output_qkv=True)["qkv"][-1]  # fp32 inputs for both runs
     fp32 = attention_relation_loss(s_qkv, t_qkv, x, n_rel_heads=4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under_bf16 = attention_relation_loss(s_qkv, t_qkv, x, n_rel_heads=4)

@@ -15,12 +15,17 @@ def tiny(**kw):
 def test_shapes_and_hidden_states():
     m = tiny()
     x = torch.randint(0, 64, (3, 10))
-    out = m(x, output_hidden_states=True, attn_layer=-1)
+    out = m(x, output_hidden_states=True, output_qkv=True)
     assert out["logits"].shape == (3, 10, 64)
     assert len(out["hidden_states"]) == 3, "embeddings + one state per block"
     assert all(h.shape == (3, 10, 32) for h in out["hidden_states"])
-    q, k, v = out["qkv"]
+    assert len(out["qkv"]) == 2, "one (q, k, v) per block"
+    q, k, v = out["qkv"][-1]
     assert q.shape == k.shape == v.shape == (3, 4, 10, 8), "K/V are repeated to all H query heads"
+    for i, (block, (_, _, v)) in enumerate(zip(m.layers, out["qkv"])):  # block i's v, recomputed from its input
+        v_ref = block.self_attn.v_proj(block.input_layernorm(out["hidden_states"][i]))       # (B, T, Hkv * D)
+        v_ref = v_ref.view(3, 10, 2, 8).transpose(1, 2).repeat_interleave(2, dim=1)           # (B, H, T, D)
+        torch.testing.assert_close(v, v_ref, msg=f"block {i}: its own values, repeated to the H query heads")
 
 
 def test_causality():
