@@ -61,9 +61,10 @@ def parse_args():
                    help="lambda_a, weight of the MiniLM attention/value relation loss (last layer)")
     p.add_argument("--attn_heads", type=int, default=4, help="relation heads of the attention loss")
     p.add_argument("--no_baseline", action="store_true", help="skip the CE-only baseline student")
-    p.add_argument("--flops_matched", action="store_true",
-                   help="also train a CE-only baseline for as many FLOPs as distillation spent: steps * (student "
-                        "training + teacher forward FLOPs) / student training FLOPs (offline KD: the same steps)")
+    p.add_argument("--no_flops_matched", action="store_true",
+                   help="skip the CE-only baseline trained for as many FLOPs as distillation spent: steps * "
+                        "(student training + teacher forward FLOPs) / student training FLOPs (offline KD: the same "
+                        "steps)")
     p.add_argument("--cache_teacher_topk", type=int, default=0,
                    help="offline KD: cache the teacher's top-K log-probs of every train position once "
                         "(out_dir/topk_kK), then train with no teacher in memory; 0 = online KD")
@@ -72,7 +73,7 @@ def parse_args():
                         "0 = all at once")
     p.add_argument("--compile", action="store_true", help="torch.compile the student and teacher forwards")
     # optimization
-    add_optim_args(p, steps=300, lr=1e-2, log_interval=50, eval_interval=100)
+    add_optim_args(p, steps=250, lr=1e-2, log_interval=50, eval_interval=25)
     p.add_argument("--eval_tokens", type=int, default=32768, help="validation tokens per evaluation")
     p.add_argument("--sample_tokens", type=int, default=48, help="tokens to sample from each model at the end")
     args = p.parse_args()
@@ -220,7 +221,7 @@ def main():
 
     if not args.no_baseline:
         train_baseline("baseline", args.steps)
-    if args.flops_matched:
+    if not args.no_flops_matched:
         # Equal compute: a KD step also pays for the teacher's forward pass (none per step when offline: the
         # cache was paid for once). The losses' own FLOPs are small next to the models' and are not counted.
         teacher_flops = 0 if args.cache_teacher_topk else teacher.flops_per_token(args.block_size, training=False)

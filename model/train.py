@@ -284,7 +284,7 @@ def add_teacher_args(parser):
     parser.add_argument("--teacher_dim", type=int, default=256, help="teacher pretraining: width C")
     parser.add_argument("--teacher_heads", type=int, default=4, help="teacher pretraining: query heads")
     parser.add_argument("--teacher_kv_heads", type=int, default=2, help="teacher pretraining: key/value heads")
-    parser.add_argument("--teacher_steps", type=int, default=700, help="teacher pretraining: optimizer steps")
+    parser.add_argument("--teacher_steps", type=int, default=1200, help="teacher pretraining: optimizer steps")
     parser.add_argument("--teacher_lr", type=float, default=2e-3, help="teacher pretraining: peak learning rate")
     parser.add_argument("--teacher_seed", type=int, default=1337,
                         help="teacher pretraining: seed of its init and batch order (--seed is the student's)")

@@ -57,9 +57,10 @@ def test_default_flow_writes_the_report(first_run):
     # val loss (TINY evaluates at steps 2 and 3, i.e. after 3 and 4 steps), read back from the log file
     evals = [(rec["step"] + 1, rec["val_loss"]) for rec in log if rec["run"] == "student" and "val_loss" in rec]
     assert [n for n, _ in evals] == [3, 4]
-    reached = [n for n, v in evals if v <= report["baseline"]["val_loss"]]
-    assert report["steps_to_match"] == {"baseline": reached[0] if reached else None}
-    assert "steps to match baseline" in r.stdout
+    for name in ("baseline", "baseline_flops_matched"):  # both baselines are trained by default
+        reached = [n for n, v in evals if v <= report[name]["val_loss"]]
+        assert report["steps_to_match"][name] == (reached[0] if reached else None)
+        assert f"steps to match {name}" in r.stdout
 
 
 def test_a_cached_teacher_pretrained_with_other_flags_is_not_reused_silently(first_run, tmp_path, monkeypatch):
@@ -79,8 +80,7 @@ def test_a_cached_teacher_pretrained_with_other_flags_is_not_reused_silently(fir
 
 def test_second_run_reuses_the_teacher(first_run):
     out, _ = first_run
-    r = run(*TINY, "--out_dir", str(out), "--no_baseline", "--divergence", "jsd", "--init", "random",
-            "--flops_matched")
+    r = run(*TINY, "--out_dir", str(out), "--no_baseline", "--divergence", "jsd", "--init", "random")
     assert r.returncode == 0, r.stderr
     assert "pretraining" not in r.stdout
     report = json.loads((out / "whitebox_report.json").read_text())
