@@ -46,7 +46,7 @@ from model.teachers import AnswerCache, api_answers, load_teacher_data
 from model.tokenizer import get_tokenizer
 from model.train import (Logger, add_data_args, add_optim_args, add_teacher_args, check_optim_args, get_teacher,
                          load_checkpoint, model_from_checkpoint, train)
-from model.world import QUESTIONS, article, build_world, stated_fact
+from model.world import N_CHARACTERS, QUESTIONS, article, build_world, stated_fact
 
 # A whole-sentence answer per question (keyed by its index in QUESTIONS), phrased the way the stories state
 # the fact, so the story-pretrained teacher can answer in words it has read many times (a bare "Greenhill"
@@ -118,6 +118,11 @@ def parse_args():
         p.error("need --teacher_chat_steps >= 0, --temperature >= 0 and 0 < --top_p <= 1")
     if not 0 < args.heldout_fraction < 1 or not 0 <= args.ppl_fraction < 1:
         p.error("need 0 < --heldout_fraction < 1 and 0 <= --ppl_fraction < 1")
+    if not 0 < round(N_CHARACTERS * args.heldout_fraction) < N_CHARACTERS:
+        p.error(f"--heldout_fraction {args.heldout_fraction} holds out {round(N_CHARACTERS * args.heldout_fraction)} "
+                f"of the {N_CHARACTERS} story characters: there must be some on each side")
+    if args.n_show < 0:
+        p.error("--n_show must be at least 0")
     if args.teacher_data and args.teacher_api:
         p.error("--teacher_data and --teacher_api are two different teachers: give one")
     if args.teacher_api and not args.teacher_model:
@@ -214,9 +219,21 @@ def main():
     labelled_qa, heldout_qa, asks = story_qa(args.data_seed, args.heldout_fraction)
     print(f"task: {len(labelled_qa) + len(heldout_qa)} story questions | {len(labelled_qa)} labelled "
           f"| {len(heldout_qa)} held out (their characters' true answers are never trained on)")
+    skipped = {}  # SFT data set -> conversations left out of it because their answer starts beyond --block_size
 
-    def encode(conversations):
-        return [encode_chat(tok, conv, args.block_size) for conv in conversations]
+    def encode(conversations, what: str, to_train: bool = True):
+        """(ids, mask) examples cut at --block_size, without those left with no answer token to learn; a
+        training set with none left is an error now, before any training."""
+        examples = [encode_chat(tok, conv, args.block_size) for conv in conversations]
+        kept = [(ids, mask) for ids, mask in examples if any(mask)]
+        skipped[what.replace(" ", "_")] = len(examples) - len(kept)
+        if len(kept) < len(examples):
+            print(f"note: {len(examples) - len(kept)} of {len(examples)} {what} left out: the answer starts "
+                  f"beyond --block_size {args.block_size} tokens")
+        if to_train and not kept:
+            raise UserError(f"no {what} to train on" + (f": in all {len(examples)} the answer starts beyond "
+                                                          f"--block_size {args.block_size}" if examples else ""))
+        return kept
 
     def sft_loss(model):
         def loss_fn(x, labels, weights):
@@ -249,6 +266,8 @@ def main():
                         temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_new_tokens,
                         concurrency=args.api_concurrency, timeout=args.api_timeout, retries=args.api_retries)
         else:
+            chat_examples = encode((qa_conversation(q, a) for q, a in labelled_qa), "labelled true answers") \
+                if args.teacher_chat_steps else []
             train_tokens, _ = tokenize_split(docs, tok, args.block_size, args.val_fraction)
             teacher = get_teacher(args, tok, train_tokens, logger)
             teacher_source = f"local:{args.teacher or out_dir / 'teacher.pt'}"
@@ -268,8 +287,7 @@ def main():
                         print(f"note: the teacher is being re-tuned, but {cache.path} already holds {len(cache)} "
                               f"answers from an earlier one; delete it to regenerate them")
                     teacher.requires_grad_(True)
-                    train(teacher, sft_loss(teacher), batches(encode(qa_conversation(q, a) for q, a in labelled_qa),
-                                                              weighted=False),
+                    train(teacher, sft_loss(teacher), batches(chat_examples, weighted=False),
                           args, name="teacher_chat", steps=args.teacher_chat_steps, lr=args.teacher_chat_lr,
                           ckpt_path=chat_path, logger=logger, tokenizer_sha256=tok.sha256)
                 teacher.eval().requires_grad_(False)
@@ -294,7 +312,8 @@ def main():
 
     # ------------------------------------------------------------------------------------------------------
     # SFT data: the teacher's answers minus a held-out share for perplexity; the held-out story questions
-    # among the prompts are the accuracy evaluation (none for a file or API prompts that are not ours)
+    # among the prompts are the accuracy evaluation (none for a file or API prompts that are not ours).
+    # Everything the report needs but the trained models' answers is settled here, before any training.
     first_user = [next((m["content"] for m in conv if m["role"] == "user"), None) for conv in conversations]
     eval_qa = [(q, a) for q, a in heldout_qa if q in set(first_user)]
     eval_set = set(q for q, _ in eval_qa)
@@ -302,16 +321,25 @@ def main():
     candidates = [i for i, p in enumerate(first_user) if p not in eval_set]
     random.Random(args.seed).shuffle(candidates)
     ppl_idx = set(candidates[:int(len(candidates) * args.ppl_fraction)])
-    train_examples = encode(c for i, c in enumerate(conversations) if i not in ppl_idx)
-    ppl_examples = encode(c for i, c in enumerate(conversations) if i in ppl_idx)
-    if not train_examples:
-        raise UserError("no teacher answers to train on")
+    train_examples = encode((c for i, c in enumerate(conversations) if i not in ppl_idx), "teacher answers")
+    ppl_examples = encode((c for i, c in enumerate(conversations) if i in ppl_idx), "perplexity answers",
+                          to_train=False)
     n_think = sum(tok.special["<think>"] in ids for ids, _ in train_examples)
     print(f"SFT data: {len(train_examples)} teacher answers ({n_think} with <think> reasoning) | "
           f"{len(ppl_examples)} held out for perplexity | {len(eval_qa)} held-out story questions to score")
+    with_baseline = bool(eval_qa) and not args.no_baseline
+    # the baseline's SFT data: the labelled characters' true answers, never a held-out one's
+    gt_examples = encode((qa_conversation(q, a) for q, a in labelled_qa), "labelled true answers") \
+        if with_baseline else []
     if not eval_qa:
         print("these prompts are not the embedded story questions: no answers to check, so only perplexity "
               "and samples are reported (and no ground-truth baseline)")
+    eval_asks = [asks[q] for q, _ in eval_qa]
+    first_answer = {}  # prompt -> the answer the student learns first for it (from the cache or file)
+    for p, conv in zip(first_user, conversations):
+        first_answer.setdefault(p, next(m["content"] for m in conv if m["role"] == "assistant"))
+    shown = eval_qa[:args.n_show] or [(first_user[i], None) for i in sorted(ppl_idx)[:args.n_show]]
+    answers = {"teacher": [first_answer[q] for q, _ in shown]}  # the samples' answers, by model
 
     # ------------------------------------------------------------------------------------------------------
     # student and baseline: the same init, the same number of steps and batches
@@ -337,11 +365,9 @@ def main():
     train_s["student"] = train(student, sft_loss(student), batches(train_examples, weighted=True), args,
                                name="student", steps=args.steps, lr=args.lr, ckpt_path=out_dir / "blackbox_student.pt",
                                logger=logger, tokenizer_sha256=tok.sha256, eval_fn=ppl_eval(student))
-    gt_examples = []  # the baseline's SFT data: the labelled characters' true answers, never a held-out one's
-    if eval_qa and not args.no_baseline:
+    if with_baseline:
         baseline = Transformer(student.config).to(args.device)
         baseline.load_state_dict(init_state)
-        gt_examples = encode(qa_conversation(q, a) for q, a in labelled_qa)
         train_s["baseline"] = train(baseline, sft_loss(baseline), batches(gt_examples, weighted=False), args,
                                     name="baseline", steps=args.steps, lr=args.lr,
                                     ckpt_path=out_dir / "blackbox_baseline.pt", logger=logger,
@@ -353,12 +379,7 @@ def main():
     # teacher answers
     if teacher is not None:
         models = {"teacher": teacher, **models}
-    eval_asks = [asks[q] for q, _ in eval_qa]
-    first_answer = {}  # prompt -> the answer the student learnt first for it (from the cache or file)
-    for p, conv in zip(first_user, conversations):
-        first_answer.setdefault(p, next(m["content"] for m in conv if m["role"] == "assistant"))
-    shown = eval_qa[:args.n_show] or [(first_user[i], None) for i in sorted(ppl_idx)[:args.n_show]]
-    report, answers = {}, {"teacher": [first_answer[q] for q, _ in shown]}
+    report = {}
     for name in ("teacher", "student", "baseline"):
         model = models.get(name)
         r = {"accuracy": None, "accuracy_by_fact": None, "answer_ppl": None,
@@ -381,11 +402,14 @@ def main():
         report[name] = r
     report.update(n_eval=len(eval_qa), n_eval_by_fact={f: sum(a.field == f for a in eval_asks) for f in CLOZES},
                   n_train_answers=len(train_examples), n_ppl_answers=len(ppl_examples),
-                  n_baseline_answers=len(gt_examples),
+                  n_baseline_answers=len(gt_examples), n_skipped=skipped,
                   teacher_source=teacher_source, wall_s=time.perf_counter() - t_start,
                   samples=[{"prompt": q, "gold": a, **{k: v[i] for k, v in answers.items()}}
                            for i, (q, a) in enumerate(shown)],
                   args=vars(args))
+    # The report is written before anything is printed, so that nothing after training can lose it.
+    report_path = out_dir / "blackbox_report.json"
+    atomic_write_bytes(report_path, json.dumps(report, indent=2).encode())
 
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)
@@ -414,9 +438,6 @@ def main():
         for name in ("teacher", "student", "baseline"):
             if name in s:
                 print(f"  {name:<8} {s[name]!r}")
-
-    report_path = out_dir / "blackbox_report.json"
-    atomic_write_bytes(report_path, json.dumps(report, indent=2).encode())
     print(f"\nreport -> {report_path} | wall time {report['wall_s']:.0f} s")
 
 

@@ -1,8 +1,8 @@
 """End-to-end runs of train_distill_blackbox.py as a user would type them, with tiny flags: the default
 local-teacher flow and its report, reuse of the cache and the chat-tuned teacher, a --teacher_data file in
-minimind's SFT format, and one-line errors for bad input; in-process, the split of the story
-questions by character, the cloze each fact is asked with, the teacher's sentence turned into the answer,
-and the per-fact scoring. Run: python -m pytest tests/test_blackbox_cli.py"""
+minimind's SFT format (also one whose prompts are longer than --block_size), and one-line errors for bad
+input; in-process, the split of the story questions by character, the cloze each fact is asked with, the
+teacher's sentence turned into the answer, and the per-fact scoring. Run: python -m pytest tests/test_blackbox_cli.py"""
 
 import json
 import re
@@ -55,6 +55,7 @@ def test_default_flow_writes_the_report(first_run):
         assert abs(sum(fact_hits.values()) - hits) < 1e-6, f"{name}: the per-fact hits add up to the overall ones"
         assert report[name]["answer_ppl"] is not None, f"{name}: perplexity measured on the held-out answers"
     assert report["n_eval"] == 144 and report["teacher_source"].startswith("local:") and report["wall_s"] > 0
+    assert report["n_skipped"] == {"teacher_answers": 0, "perplexity_answers": 0, "labelled_true_answers": 0}
     assert report["n_baseline_answers"] == 720 - 144, "the baseline trains on the 576 labelled answers only"
     for f in ("teacher.pt", "blackbox_student.pt", "blackbox_baseline.pt", "tokenizer.model"):
         assert (out / f).is_file(), f
@@ -116,6 +117,33 @@ def test_teacher_data_file_in_minimind_format(first_run, tmp_path):
     assert report["samples"][0]["teacher"].startswith("The answer is")
 
 
+def test_teacher_data_with_prompts_longer_than_the_block(first_run, tmp_path):
+    """A minimind file whose prompts do not fit --block_size (issue 9: a real one trained, then died printing
+    samples): an answer that starts beyond the block has nothing to learn, so it is left out before
+    training and counted; the samples' long prompts are answered from their last tokens; the report is
+    written."""
+    out, _ = first_run
+    data = tmp_path / "long_prompts.jsonl"
+    with open(data, "w", encoding="utf-8") as f:
+        for i in range(12):
+            prompt = (f"Read this story carefully, it is long. {'The fox ran to the river and back. ' * 12}"
+                      if i % 2 else "") + f"What is number {i}?"
+            f.write(json.dumps({"conversations": [{"role": "user", "content": prompt},
+                                                  {"role": "assistant", "content": f"The answer is {i}."}]}) + "\n")
+    r = run(*TINY, "--out_dir", str(out), "--teacher_data", str(data), "--ppl_fraction", "0.5", "--n_show", "6")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "blackbox_report.json").read_text())
+    assert report["teacher_source"] == f"data:{data}", "this run's report"
+    skipped = report["n_skipped"]
+    assert skipped["teacher_answers"] + skipped["perplexity_answers"] == 6, f"the 6 long prompts: {skipped}"
+    assert report["n_train_answers"] + report["n_ppl_answers"] == 6, "the 6 short ones are kept"
+    assert "left out: the answer starts beyond --block_size 64 tokens" in r.stdout
+    long_shown = [s for s in report["samples"] if s["prompt"].startswith("Read this")]
+    assert len(report["samples"]) == 6 and long_shown, "test setup: a long prompt among the samples"
+    assert all(isinstance(s["student"], str) for s in long_shown), "the student answered the long prompts"
+    assert "were cut to their last" in r.stdout, "a long sample prompt is cut from the left"
+
+
 def test_bad_inputs_give_one_line_errors(first_run, tmp_path, one_line_error, parse_in_process):
     out, _ = first_run
     broken = tmp_path / "broken.jsonl"
@@ -135,6 +163,8 @@ def test_bad_inputs_give_one_line_errors(first_run, tmp_path, one_line_error, pa
     # bad flags: the parser stops before any work, so these run in-process
     one_line_error(parse_in_process(blackbox, "--teacher_api", "http://localhost:1"), "--teacher_model")
     one_line_error(parse_in_process(blackbox, "--steps", "0"), "--steps")
+    one_line_error(parse_in_process(blackbox, "--heldout_fraction", "0.001"), "--heldout_fraction", "holds out 0")
+    one_line_error(parse_in_process(blackbox, "--n_show", "-1"), "--n_show")
 
 
 def question_names(qa, world):
