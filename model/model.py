@@ -213,12 +213,13 @@ class Transformer(nn.Module):
 
 @torch.no_grad()
 def generate(model: Transformer, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, stop_ids=(), generator=None):
+             top_p: float = 1.0, stop_ids=(), generator=None, ban_first=None):
     """Sample continuations of idx (B, T) with a KV cache: one forward over the prompt (prefill), then
     one token at a time (decode), each attending to the cached keys/values instead of recomputing them.
     temperature 0 takes the argmax; top_k > 0 keeps the k likeliest tokens; top_p < 1 keeps the smallest
     set whose probability reaches top_p. A row stops once it emits any of stop_ids (later positions
-    of that row are filled with its stop id). Returns (B, T + new) token ids, prompt included."""
+    of that row are filled with its stop id). ban_first, a list of B lists of token ids, rules those ids
+    out as row b's first new token. Returns (B, T + new) token ids, prompt included."""
     model.eval()
     B = idx.size(0)
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=idx.device)
@@ -226,6 +227,8 @@ def generate(model: Transformer, idx, max_new_tokens: int, temperature: float = 
     out = model(idx, kv_caches=[None] * model.config.n_layer)
     caches, pos, seq = out["kv_caches"], idx.size(1), idx
     logits = out["logits"][:, -1]                                                     # (B, V)
+    for b, ids in enumerate(ban_first or []):
+        logits[b, ids] = float("-inf")
     for _ in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)               # (B,)
         if len(stop):

@@ -7,15 +7,14 @@ teacher's logits, only the answers it wrote, and learns them with next-token CE 
   shared prompt length. The template's tags are control ids; the same strings inside a message are text.
 - sft_batch pads examples to the longest one and turns the mask into labels (IGNORE_INDEX where no loss),
   plus per-token weights that can up-weight the reasoning span (<think> ... </think>) or the answer after it.
-- generate_answers / local_answers let a local model answer prompts with batched KV-cache sampling;
-  exact_match scores greedy answers against known ones.
+- generate_answers / local_answers let a local model answer prompts with batched KV-cache sampling, in
+  the chat format or, for a base model, as the rest of a sentence (a cloze).
 
 A conversation is a list of messages {"role": "user"|"assistant"|"system", "content": str,
 "reasoning_content"?: str}, as in minimind's SFT files.
 """
 
 import math
-import string
 from pathlib import Path
 
 import torch
@@ -126,9 +125,10 @@ def generate_answers(model, tok, prompts: list[str], *, temperature: float, top_
 
     A chat model is asked with the chat template (encode_prompt) and stops at <|im_end|>. A base model,
     which never saw the template, can be asked with a cloze instead: cloze(prompt) -> (context, prefix,
-    n_words); the model continues the plain text context + prefix, and the answer is the prefix plus the
-    first n_words words of the continuation (the blank's size), e.g. "This is a story about Mia. " +
-    "Mia lives in" -> "Mia lives in Greenhill.": the way one prompts a base model for an answer.
+    avoid); the model continues the plain text context + prefix to the end of the sentence (a "." or a
+    line break), and the answer is that sentence, e.g. "This is a story about Mia. " + "Mia's home is in"
+    -> "Mia's home is in Greenhill.": the way one prompts a base model for an answer. The continuation
+    may not start with the word avoid (its first token; "" for none), e.g. the name the sentence is about.
 
     The model has no attention mask, so a batch cannot mix prompt lengths (left padding would be attended
     to). Prompts are grouped by token length instead and each group is sampled in batches of equal-length
@@ -137,10 +137,12 @@ def generate_answers(model, tok, prompts: list[str], *, temperature: float, top_
     if cloze is None:
         stops = [tok.special["<|im_end|>"]]
         encoded = [encode_prompt(tok, p) for p in prompts]
+        banned = [[] for _ in prompts]
     else:
         stops = tok.encode(".") + tok.encode("\n")  # a sentence ends at "." (or a line break)
         contexts = [cloze(p) for p in prompts]
         encoded = [tok.encode(context + prefix) for context, prefix, _ in contexts]
+        banned = [tok.encode(" " + avoid)[:1] if avoid else [] for _, _, avoid in contexts]
     # A prompt that leaves no room to answer keeps only its last tokens (left truncation), so that a long
     # prompt in a user's file costs its start, not the run: room for max_new_tokens, or half the positions.
     room = max(1, model.config.max_seq_len - min(max_new_tokens, model.config.max_seq_len // 2))
@@ -159,17 +161,15 @@ def generate_answers(model, tok, prompts: list[str], *, temperature: float, top_
             idx = group[j:j + batch_size]
             x = torch.tensor([encoded[i] for i in idx], device=device)                        # (b, length)
             with autocast(device, dtype):
-                out = generate(model, x, max_new_tokens, temperature=temperature, top_p=top_p,
-                               stop_ids=stops, generator=generator)                           # (b, length + new)
+                out = generate(model, x, max_new_tokens, temperature=temperature, top_p=top_p, stop_ids=stops,
+                               generator=generator, ban_first=[banned[i] for i in idx])       # (b, length + new)
             batch_answers = []
             for i, row in zip(idx, out[:, length:].tolist()):
                 end = next((k for k, t in enumerate(row) if t in stops), len(row))
                 if cloze is None:
                     answers[i] = tok.decode(row[:end]).strip()
-                else:  # the blank's words, without punctuation, then a full stop
-                    _, prefix, n_words = contexts[i]
-                    words = tok.decode(row[:end]).replace(",", " ").split()[:n_words]
-                    answers[i] = " ".join([prefix] + words) + "."
+                else:  # the whole sentence, ended with a full stop
+                    answers[i] = (contexts[i][1] + tok.decode(row[:end])).strip() + "."
                 batch_answers.append(answers[i])
             if on_batch is not None:
                 on_batch(idx, batch_answers)
@@ -207,23 +207,7 @@ def local_answers(teacher, tok, prompts: list[str], cache, *, n_samples: int, te
 
 
 # ----------------------------------------------------------------------------------------------------------
-# exact-match evaluation and prompt files
-
-def normalize(answer: str) -> str:
-    """What exact match compares: stripped, lowercased, trailing punctuation dropped ('Greenhill.' ->
-    'greenhill')."""
-    return answer.strip().lower().rstrip(string.punctuation + " \t\n")
-
-
-def exact_match(model, tok, qa: list[tuple[str, str]], *, batch_size: int, device: str, dtype: str,
-                max_new_tokens: int, cloze=None) -> tuple[float, list[str]]:
-    """Greedy answers to (question, answer) pairs; returns (share answered exactly, the answers)."""
-    answers = generate_answers(model, tok, [q for q, _ in qa], temperature=0.0, top_p=1.0,
-                               max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, dtype=dtype,
-                               cloze=cloze)
-    hits = sum(normalize(a) == normalize(gold) for a, (_, gold) in zip(answers, qa))
-    return hits / max(len(qa), 1), answers
-
+# prompt files
 
 def read_prompts(path) -> list[str]:
     """Prompts from a .txt file (one per non-empty line) or a JSONL file whose lines are {"prompt": str}

@@ -23,6 +23,7 @@ Templates use `str.format` slots: {Name}, {he}, {his}, {pet_name}, ... describe 
 
 import itertools
 import random
+import re
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -217,7 +218,7 @@ def build_world(seed: int) -> World:
     return World(characters)
 
 
-def _a(word: str) -> str:
+def article(word: str) -> str:
     """The indefinite article with its noun phrase: "a kite", "an orange kite"."""
     return ("an " if word[0] in "aeiou" else "a ") + word
 
@@ -225,8 +226,8 @@ def _a(word: str) -> str:
 def _slots(c: Character) -> dict[str, str]:
     """Everything a template may say about one character."""
     return dict(Name=c.name, he=c.he, He=c.he.capitalize(), him=c.him, his=c.his, His=c.his.capitalize(),
-                pet=c.pet, a_pet=_a(c.pet), pet_name=c.pet_name, sound=PETS[c.pet], home=c.home, color=c.color,
-                friend=c.friend, food=c.food, job=c.job, a_job=_a(c.job), job_did=JOBS[c.job])
+                pet=c.pet, a_pet=article(c.pet), pet_name=c.pet_name, sound=PETS[c.pet], home=c.home, color=c.color,
+                friend=c.friend, food=c.food, job=c.job, a_job=article(c.job), job_did=JOBS[c.job])
 
 
 def _story(world: World, hero: Character, rng: random.Random) -> str:
@@ -237,7 +238,7 @@ def _story(world: World, hero: Character, rng: random.Random) -> str:
     slots.update({"f_" + k: v for k, v in _slots(friend).items()})
     slots.update({"v_" + k: v for k, v in _slots(visitor).items()})
     # a_fthing is a present for the friend, in the friend's favourite colour.
-    slots.update(obj=obj, adj=adj, a_thing=_a(f"{adj} {obj}"), a_fthing=_a(f"{friend.color} {obj}"),
+    slots.update(obj=obj, adj=adj, a_thing=article(f"{adj} {obj}"), a_fthing=article(f"{friend.color} {obj}"),
                  weather=rng.choice(WEATHER), time=rng.choice(TIMES), place=rng.choice(PLACES),
                  spot=rng.choice(SPOTS), critter=rng.choice(CRITTERS), shelter=rng.choice(SHELTERS),
                  good=rng.choice(GOOD_FEELINGS), bad=rng.choice(BAD_FEELINGS))
@@ -281,6 +282,29 @@ QUESTIONS = (  # (question template, Character field that holds the answer)
     ("What is {name}'s favourite food?", "food"),
     ("What is {name}'s job?", "job"),
 )
+
+
+# How a sentence states each of a named character's facts, for reading a fact back out of a model's answer:
+# the stories' name-first sentence forms (FACTS and FRIEND_ARRIVES above), with the fact as the one group.
+FACT_PATTERNS = {
+    "pet": (r"{name} has an? (\w+)", r"{name}'s (\w+)(?:, \w+,| is called)"),
+    "pet_name": (r"{name} has an? \w+ called (\w+)", r"{name}'s \w+, (\w+),", r"{name}'s \w+ is called (\w+)"),
+    "home": (r"{name} lives in (?:the town of )?(\w+)", r"{name}'s home is in (?:the town of )?(\w+)"),
+    "color": (r"{name}'s favourite colour is (\w+)", r"{name} likes anything that is (\w+)"),
+    "friend": (r"{name}'s best friend(?: is|,) (\w+)", r"{name} and (\w+) are best friends"),
+    "food": (r"{name} loves (\w+)", r"{name}'s favourite food is (\w+)"),
+    "job": (r"{name} (?:is|works as) an? (\w+)",),
+}
+
+
+def stated_fact(field: str, name: str, text: str) -> str | None:
+    """The value that text gives for the character `name`'s fact `field` (a Character field), in any of
+    the stories' words for it: "Mia lives in the town of Greenhill." -> "Greenhill" for ("home", "Mia").
+    The first statement in the text counts; None if the text states no such fact about that character
+    (a statement about someone else does not count)."""
+    found = [m for p in FACT_PATTERNS[field]
+             if (m := re.search(r"\b" + p.format(name=re.escape(name)), text))]
+    return min(found, key=lambda m: m.start()).group(1) if found else None
 
 
 def generate_qa(world: World) -> list[tuple[str, str]]:

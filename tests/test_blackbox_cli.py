@@ -1,18 +1,20 @@
 """End-to-end runs of train_distill_blackbox.py as a user would type them, with tiny flags: the default
 local-teacher flow and its report, reuse of the cache and the chat-tuned teacher, a --teacher_data file in
-minimind's SFT format, and one-line errors for bad input; in-process, the split of the story questions by
-character. Run: python -m pytest tests/test_blackbox_cli.py"""
+minimind's SFT format (also one whose prompts are longer than --block_size), and one-line errors for bad
+input; in-process, the split of the story questions by character, the cloze each fact is asked with, the
+teacher's sentence turned into the answer, and the per-fact scoring. Run: python -m pytest tests/test_blackbox_cli.py"""
 
 import json
 import re
 import subprocess
 import sys
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
 
 import train_distill_blackbox as blackbox
-from model.world import N_CHARACTERS, build_world
+from model.world import N_CHARACTERS, build_world, default_corpus, stated_fact
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--n_chars", "60000", "--vocab_size", "320", "--teacher_layers", "2", "--teacher_dim", "32",
@@ -39,12 +41,21 @@ def test_default_flow_writes_the_report(first_run):
     out, r = first_run
     assert "pretraining one" in r.stdout, "a missing default teacher is pretrained, and the run says so"
     report = json.loads((out / "blackbox_report.json").read_text())
+    n_by_fact = report["n_eval_by_fact"]
+    assert n_by_fact == {"pet": 16, "pet_name": 16, "home": 32, "color": 16, "friend": 16, "food": 32, "job": 16}, \
+        "16 held-out characters: one question per fact, two about home and two about food"
     for name in ("teacher", "student", "baseline"):
-        assert {"accuracy", "answer_ppl", "params"} <= report[name].keys()
+        assert {"accuracy", "accuracy_by_fact", "answer_ppl", "params"} <= report[name].keys()
         hits = report[name]["accuracy"] * 144
         assert abs(hits - round(hits)) < 1e-9, f"{name}: accuracy is a count of the 144 held-out questions"
+        by_fact = report[name]["accuracy_by_fact"]
+        assert by_fact.keys() == n_by_fact.keys(), f"{name}: an accuracy for every fact"
+        fact_hits = {f: by_fact[f] * n for f, n in n_by_fact.items()}
+        assert all(abs(h - round(h)) < 1e-9 for h in fact_hits.values()), f"{name}: per-fact counts {fact_hits}"
+        assert abs(sum(fact_hits.values()) - hits) < 1e-6, f"{name}: the per-fact hits add up to the overall ones"
         assert report[name]["answer_ppl"] is not None, f"{name}: perplexity measured on the held-out answers"
     assert report["n_eval"] == 144 and report["teacher_source"].startswith("local:") and report["wall_s"] > 0
+    assert report["n_skipped"] == {"teacher_answers": 0, "perplexity_answers": 0, "labelled_true_answers": 0}
     assert report["n_baseline_answers"] == 720 - 144, "the baseline trains on the 576 labelled answers only"
     for f in ("teacher.pt", "blackbox_student.pt", "blackbox_baseline.pt", "tokenizer.model"):
         assert (out / f).is_file(), f
@@ -55,7 +66,8 @@ def test_default_flow_writes_the_report(first_run):
     assert {"teacher", "student", "baseline"} <= {rec["run"] for rec in log}
     record = json.loads((out / "teacher_answers.jsonl").read_text().splitlines()[0])["conversations"]
     assert record[1]["content"].endswith("."), "a base teacher's cloze answer is a whole sentence"
-    assert "held-out acc" in r.stdout and "samples (greedy)" in r.stdout
+    assert "held-out acc" in r.stdout and "samples (greedy" in r.stdout
+    assert "pet name" in r.stdout and "colour" in r.stdout, "the per-fact table is printed"
 
 
 def test_second_run_reuses_the_teacher_and_its_answers(first_run):
@@ -105,6 +117,33 @@ def test_teacher_data_file_in_minimind_format(first_run, tmp_path):
     assert report["samples"][0]["teacher"].startswith("The answer is")
 
 
+def test_teacher_data_with_prompts_longer_than_the_block(first_run, tmp_path):
+    """A minimind file whose prompts do not fit --block_size (issue 9: a real one trained, then died printing
+    samples): an answer that starts beyond the block has nothing to learn, so it is left out before
+    training and counted; the samples' long prompts are answered from their last tokens; the report is
+    written."""
+    out, _ = first_run
+    data = tmp_path / "long_prompts.jsonl"
+    with open(data, "w", encoding="utf-8") as f:
+        for i in range(12):
+            prompt = (f"Read this story carefully, it is long. {'The fox ran to the river and back. ' * 12}"
+                      if i % 2 else "") + f"What is number {i}?"
+            f.write(json.dumps({"conversations": [{"role": "user", "content": prompt},
+                                                  {"role": "assistant", "content": f"The answer is {i}."}]}) + "\n")
+    r = run(*TINY, "--out_dir", str(out), "--teacher_data", str(data), "--ppl_fraction", "0.5", "--n_show", "6")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "blackbox_report.json").read_text())
+    assert report["teacher_source"] == f"data:{data}", "this run's report"
+    skipped = report["n_skipped"]
+    assert skipped["teacher_answers"] + skipped["perplexity_answers"] == 6, f"the 6 long prompts: {skipped}"
+    assert report["n_train_answers"] + report["n_ppl_answers"] == 6, "the 6 short ones are kept"
+    assert "left out: the answer starts beyond --block_size 64 tokens" in r.stdout
+    long_shown = [s for s in report["samples"] if s["prompt"].startswith("Read this")]
+    assert len(report["samples"]) == 6 and long_shown, "test setup: a long prompt among the samples"
+    assert all(isinstance(s["student"], str) for s in long_shown), "the student answered the long prompts"
+    assert "were cut to their last" in r.stdout, "a long sample prompt is cut from the left"
+
+
 def test_bad_inputs_give_one_line_errors(first_run, tmp_path, one_line_error, parse_in_process):
     out, _ = first_run
     broken = tmp_path / "broken.jsonl"
@@ -124,6 +163,8 @@ def test_bad_inputs_give_one_line_errors(first_run, tmp_path, one_line_error, pa
     # bad flags: the parser stops before any work, so these run in-process
     one_line_error(parse_in_process(blackbox, "--teacher_api", "http://localhost:1"), "--teacher_model")
     one_line_error(parse_in_process(blackbox, "--steps", "0"), "--steps")
+    one_line_error(parse_in_process(blackbox, "--heldout_fraction", "0.001"), "--heldout_fraction", "holds out 0")
+    one_line_error(parse_in_process(blackbox, "--n_show", "-1"), "--n_show")
 
 
 def question_names(qa, world):
@@ -136,7 +177,7 @@ def test_story_qa_holds_out_whole_characters(fraction):
     """No held-out character is asked about in the labelled set (the baseline's training data), and the
     held-out share is round(80 * fraction) characters with all their questions."""
     world = build_world(0)
-    labelled, heldout, clozes = blackbox.story_qa(0, fraction)
+    labelled, heldout, asks = blackbox.story_qa(0, fraction)
     lab_names, held_names = question_names(labelled, world), question_names(heldout, world)
     assert all(len(n) == 1 for n in lab_names + held_names), "each question is about exactly one character"
     lab, held = set().union(*lab_names), set().union(*held_names)
@@ -144,5 +185,64 @@ def test_story_qa_holds_out_whole_characters(fraction):
     assert lab.isdisjoint(held), f"characters on both sides: {sorted(lab & held)}"
     assert lab | held == set(world.characters), "every character is on one side"
     assert len(labelled) == 9 * len(lab) and len(heldout) == 9 * len(held), "all 9 questions of a character"
-    assert set(clozes) == {q for q, _ in labelled + heldout}, "a cloze for every question"
-    assert blackbox.story_qa(0, fraction) == (labelled, heldout, clozes), "the split is deterministic"
+    assert set(asks) == {q for q, _ in labelled + heldout}, "what every question asks"
+    assert blackbox.story_qa(0, fraction) == (labelled, heldout, asks), "the split is deterministic"
+
+
+def test_each_fact_is_asked_with_the_start_of_a_sentence_that_the_stories_finish_with_it():
+    """The base teacher's cloze for every question: the stories' opening about the character, then the start
+    of a sentence that the default corpus (what the teacher read) says, and finishes with the true fact
+    every time (so a teacher that knows the fact has one way to go on); the cloze does not contain the
+    answer, and the blank may not start with the character's own name."""
+    world = build_world(0)
+    _, _, asks = blackbox.story_qa(0, 0.2)
+    sentences = defaultdict(set)  # name -> the corpus's sentences that name that character
+    name_re = re.compile(r"\b(" + "|".join(world.characters) + r")\b")
+    for sentence in re.split(r"(?<=[.!?\n])\s*", "\n".join(default_corpus(0, 2_000_000))):  # default --n_chars
+        for name in name_re.findall(sentence):
+            sentences[name].add(sentence)
+    for ask in asks.values():
+        context, prefix, avoid = ask.cloze()
+        assert context == f"This is a story about {ask.name}. " and avoid == ask.name
+        assert ask.value not in re.findall(r"\w+", context + prefix), f"{prefix!r} gives the answer away"
+        goes_on = [m[0] for s in sentences[ask.name] for m in re.finditer(r"\b" + re.escape(prefix) + r" .*", s)]
+        assert goes_on, f"the stories never say {prefix!r}"
+        values = Counter(stated_fact(ask.field, ask.name, s) for s in goes_on)
+        assert set(values) == {ask.value}, f"the stories go on from {prefix!r} with {dict(values)}"
+    assert {ask.field for ask in asks.values()} == set(blackbox.CLOZES), "every fact is asked"
+
+
+def test_the_teachers_sentence_becomes_the_answer_and_answers_are_scored_by_their_fact():
+    _, heldout, asks = blackbox.story_qa(0, 0.2)
+    assert ("Where does Ivy live?", "Ivy lives in Mossley.") in heldout, "test setup: Ivy is held out"
+    pet, home, friend, job = (asks[q] for q in ("What kind of pet does Ivy have?", "Where does Ivy live?",
+                                                "Who is Ivy's best friend?", "What is Ivy's job?"))
+    # the fact is read from the sentence, right or wrong, and written as the question's answer sentence
+    assert pet.rewrite("Ivy has a pony called Lemon.") == "Ivy has a pony."
+    assert home.rewrite("Ivy's home is in the town of Redcliff.") == "Ivy lives in Redcliff."
+    assert friend.rewrite("Ivy's best friend is Ivan, and they play.") == "Ivy's best friend is Ivan."
+    assert job.rewrite("Ivy is an otter.") == "Ivy is an otter.", "a wrong job is still the teacher's answer"
+    assert job.rewrite("Ivy is a doctor, and that morning she helped sick people.") == "Ivy is a doctor."
+    assert job.rewrite("Ivy is very sad.") == "Ivy is very sad.", "no fact in it: kept as written"
+    # scoring: the fact stated about Ivy, in any story form, against the truth
+    assert home.is_right("Ivy lives in Mossley.") and home.is_right("Ivy's home is in the town of mossley")
+    assert not home.is_right("Ivy lives in the."), "the old cloze's answer"
+    assert not home.is_right("Dan lives in Mossley."), "the right town, for someone else"
+    assert not home.is_right("Mossley."), "an answer that says nothing about Ivy"
+    assert pet.is_right("Ivy has a dog called Muffin.") and not pet.is_right("Ivy has a pony.")
+
+
+def test_fact_accuracy_by_hand():
+    _, _, asks = blackbox.story_qa(0, 0.2)
+    ivy = [asks[q] for q in asks if re.search(r"\bIvy\b", q)]
+    assert [a.field for a in ivy] == ["pet", "pet_name", "home", "home", "color", "friend", "food", "food", "job"]
+    answers = [a.answer(a.value) for a in ivy]  # all right, then make 4 of the 9 wrong
+    for i, wrong in ((3, "Ivy lives in Nowhere."), (5, "Ivy's best friend is Ivy."), (7, "Dan loves plums."),
+                     (8, "Ivy is a doctor.")):
+        answers[i] = wrong
+    assert ivy[8].value != "doctor", "test setup"
+    assert blackbox.fact_accuracy(ivy, answers) == {
+        "all": 5 / 9, "pet": 1.0, "pet_name": 1.0, "home": 0.5, "color": 1.0, "friend": 0.0, "food": 0.5, "job": 0.0}
+    got = blackbox.fact_accuracy(ivy[:3], answers[:3])
+    assert got["all"] == 1.0 and got["home"] == 1.0 and got["job"] is None, "a fact with no questions: None"
+    assert set(blackbox.fact_accuracy([], []).values()) == {None}, "no questions: no accuracy, no division by 0"

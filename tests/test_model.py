@@ -84,6 +84,20 @@ def test_stop_tokens_end_rows():
         "generation ends as soon as every row has emitted a stop token (here both, at the first new token)"
 
 
+def test_ban_first_rules_out_tokens_at_the_first_step_only():
+    m = context_dependent()
+    prompt = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(2))
+    free = generate(m, prompt, 6, temperature=0)
+    first = m(prompt)["logits"][:, -1]                                                # (2, V)
+    second_best = first.topk(2).indices[:, 1]
+    seq = generate(m, prompt, 6, temperature=0, ban_first=[[int(free[0, 5])], []])
+    assert seq[0, 5] == second_best[0], "row 0 starts with its second likeliest token once the first is banned"
+    assert torch.equal(seq[1], free[1]), "row 1 bans nothing and is unchanged"
+    # from the second step on, a banned token is allowed again: greedy continues from the new first token
+    rest = generate(m, seq[:1, :6], 5, temperature=0)
+    assert torch.equal(seq[:1], rest), "after the first token, generation is plain greedy"
+
+
 def test_top_k_and_top_p_filters():
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
     g = torch.Generator().manual_seed(0)

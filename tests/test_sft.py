@@ -1,6 +1,6 @@
 """SFT on teacher text (model/sft.py): the chat encoding and its loss mask, the <think> tags as single
-tokens and the span weights, the weighted CE, batched local answers (each back at its own prompt) into the
-cache, answer perplexity, exact-match scoring.
+tokens and the span weights, the weighted CE, batched local answers (each back at its own prompt, a cloze's
+as its whole sentence) into the cache, answer perplexity.
 Run: python -m pytest tests/test_sft.py"""
 
 import json
@@ -12,8 +12,8 @@ import torch
 from model.data import chat_text
 from model.losses import IGNORE_INDEX, cross_entropy
 from model.model import ModelConfig, Transformer, generate
-from model.sft import (answer_perplexity, encode_chat, encode_prompt, exact_match, generate_answers, local_answers,
-                       normalize, read_prompts, sft_batch, span_weights)
+from model.sft import (answer_perplexity, encode_chat, encode_prompt, generate_answers, local_answers, read_prompts,
+                       sft_batch, span_weights)
 from model.teachers import AnswerCache
 from model.tokenizer import SPECIAL_TOKENS
 
@@ -178,23 +178,6 @@ def test_local_answers_writes_n_samples_per_prompt_and_skips_cached(tok, tmp_pat
     assert len(path.read_text().splitlines()) == 6
 
 
-def test_exact_match_normalisation_and_scoring(tok):
-    assert normalize("  Mia lives in Greenhill. ") == normalize("mia lives in greenhill") == "mia lives in greenhill"
-    assert normalize("Greenhill!?") == "greenhill"
-    assert normalize("Mia's dog") == "mia's dog", "only trailing punctuation goes"
-    assert normalize("Greenhill") != normalize("Greenhills")
-    model = tiny_model(tok)
-    qa = [("Where does Mia live?", "x"), ("Who is Tom's best friend?", "y")]
-    acc, answers = exact_match(model, tok, qa, batch_size=4, device="cpu", dtype="fp32", max_new_tokens=4)
-    # score the model's own answers as gold: all correct; and a wrong gold for one: half
-    acc_self, _ = exact_match(model, tok, [(q, a + ".") for (q, _), a in zip(qa, answers)], batch_size=4,
-                              device="cpu", dtype="fp32", max_new_tokens=4)
-    assert acc_self == 1.0
-    acc_half, _ = exact_match(model, tok, [(qa[0][0], answers[0]), (qa[1][0], answers[1] + "zz")], batch_size=4,
-                              device="cpu", dtype="fp32", max_new_tokens=4)
-    assert acc_half == 0.5
-
-
 def test_read_prompts(tmp_path):
     txt = tmp_path / "p.txt"
     txt.write_text("first?\n\n second? \n")
@@ -211,12 +194,13 @@ def test_read_prompts(tmp_path):
 @pytest.mark.parametrize("use_cloze", [False, True])
 def test_each_answer_lands_at_its_prompt(tok, monkeypatch, use_cloze):
     """generate_answers groups prompts by token length: each answer must go back to its own prompt's index.
-    model.generate is replaced by a fake that answers "w<i>" to prompt i (found from the input ids)."""
+    model.generate is replaced by a fake that answers "w<i> and more" to prompt i (found from the input ids);
+    a cloze's answer is its prefix and the whole continuation, and each row gets its own word to avoid."""
     prompts = ["Where does Mia live?", "Hi", "What is the name of the pet that Tom has?", "Yo",
                "Where does Zoe live?", "Ok", "Who?", "What is Mia's job?", "Go", "Where does Ivy live?"]
 
-    def cloze(p):  # each prompt's own prefix, so that a prefix taken from another prompt shows
-        return f"About {p} ", p.split()[0], 1
+    def cloze(p):  # each prompt's own prefix and word to avoid, so that one taken from another prompt shows
+        return f"About {p} ", p.split()[0], p.split()[-1]
 
     if use_cloze:
         encoded = [tok.encode(c + prefix) for c, prefix, _ in map(cloze, prompts)]
@@ -230,12 +214,14 @@ def test_each_answer_lands_at_its_prompt(tok, monkeypatch, use_cloze):
     which = {tuple(ids): i for i, ids in enumerate(encoded)}
     seen_rows = []
 
-    def fake_generate(model, x, max_new_tokens, **kw):
+    def fake_generate(model, x, max_new_tokens, ban_first, **kw):
         rows = []
-        for ids in x.tolist():
+        for ids, banned in zip(x.tolist(), ban_first):
             i = which[tuple(ids)]
             seen_rows.append(i)
-            rows.append(ids + tok.encode(f" w{i}") + end)
+            assert banned == (tok.encode(" " + cloze(prompts[i])[2])[:1] if use_cloze else []), \
+                "each row avoids the first token of its own prompt's word"
+            rows.append(ids + tok.encode(f" w{i} and more") + end)
         width = max(len(r) for r in rows)
         return torch.tensor([r + end * (width - len(r)) for r in rows])  # finished rows repeat the stop
 
@@ -244,7 +230,7 @@ def test_each_answer_lands_at_its_prompt(tok, monkeypatch, use_cloze):
     answers = generate_answers(tiny_model(tok), tok, prompts, temperature=0.0, top_p=1.0, max_new_tokens=4,
                                batch_size=2, device="cpu", dtype="fp32", cloze=cloze if use_cloze else None,
                                on_batch=lambda idx, ans: batches.append((list(idx), list(ans))))
-    expected = [f"{p.split()[0]} w{i}." if use_cloze else f"w{i}" for i, p in enumerate(prompts)]
+    expected = [f"{p.split()[0]} w{i} and more." if use_cloze else f"w{i} and more" for i, p in enumerate(prompts)]
     assert answers == expected, "answer i must be the one generated for prompt i"
     assert sorted(seen_rows) == list(range(len(prompts))), "every prompt is generated exactly once"
     for idx, ans in batches:

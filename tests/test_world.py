@@ -1,4 +1,5 @@
-"""Tests for the built-in story world (model/world.py): determinism, fact consistency, references, size, variety.
+"""Tests for the built-in story world (model/world.py): determinism, fact consistency, references, size, variety,
+reading a fact back out of a sentence.
 
 Run from the repo root: python -m pytest tests/test_world.py -q   (CPU only, a few seconds)
 """
@@ -10,7 +11,7 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from model.world import OBJECTS, build_world, default_corpus, generate_qa, generate_stories
+from model.world import OBJECTS, build_world, default_corpus, generate_qa, generate_stories, stated_fact
 
 SEED, N_CHARS = 0, 1_000_000
 
@@ -109,6 +110,41 @@ def test_qa_answers_are_single_words_that_the_corpus_states(world, corpus, fact_
     stated_values = {v for values in fact_statements.values() for v in values}
     missing = {a for _, a in qa} - stated_values
     assert not missing, f"answers never stated in a fact sentence: {missing}"
+
+
+def test_stated_fact_reads_the_stories_facts_back(world, corpus):
+    """stated_fact, which scores the black-box answers, over every sentence of the corpus and every character
+    it names: a value it reads is always that character's true one (no fact of someone else, no "birthday"
+    for a pet in "It was Mia's birthday,"), and it reads each of every character's facts somewhere."""
+    name_re = re.compile(r"\b(" + "|".join(world.characters) + r")\b")
+    found = defaultdict(Counter)
+    for sentence in set(re.split(r"(?<=[.!?\n])\s*", "\n".join(corpus))):
+        for name in set(name_re.findall(sentence)):
+            for field in FIELDS:
+                value = stated_fact(field, name, sentence)
+                if value is not None:
+                    found[name, field][value] += 1
+    for c in world.characters.values():
+        for field in FIELDS:
+            assert set(found[c.name, field]) == {getattr(c, field)}, \
+                f"read {c.name}'s {field} as {dict(found[c.name, field])}, but it is {getattr(c, field)}"
+
+
+def test_stated_fact_on_hand_written_answers():
+    assert stated_fact("home", "Mia", "Mia lives in the town of Greenhill.") == "Greenhill"
+    assert stated_fact("home", "Mia", "Mia's home is in Greenhill, by the river.") == "Greenhill"
+    assert stated_fact("home", "Mia", "Tom lives in Greenhill.") is None, "a fact about someone else"
+    assert stated_fact("home", "Ed", "Ned lives in Greenhill.") is None, "Ed is not Ned"
+    assert stated_fact("pet", "Mia", "Mia has a dog called Biscuit.") == "dog"
+    assert stated_fact("pet_name", "Mia", "Mia has a dog called Biscuit.") == "Biscuit"
+    assert stated_fact("pet_name", "Mia", "Mia's dog, Biscuit, barked happily.") == "Biscuit"
+    assert stated_fact("pet", "Mia", "It was Mia's birthday, and Tom wanted a present.") is None
+    assert stated_fact("friend", "Mia", "Just then, Mia's best friend, Tom, came by.") == "Tom"
+    assert stated_fact("friend", "Mia", "Mia and Tom are best friends.") == "Tom"
+    assert stated_fact("job", "Mia", "Mia works as an artist, and yesterday she sang.") == "artist"
+    assert stated_fact("job", "Mia", "Mia is very sad.") is None, "no a/an: not a job"
+    assert stated_fact("food", "Mia", "Mia loves soup. Mia's favourite food is pie.") == "soup", "the first one"
+    assert stated_fact("color", "Mia", "Mia lives in the.") is None
 
 
 def test_pronouns_in_the_opening_paragraph_agree_with_the_hero(world, corpus):
