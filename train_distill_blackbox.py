@@ -270,7 +270,13 @@ def main():
                 if args.teacher_chat_steps else []
             train_tokens, _ = tokenize_split(docs, tok, args.block_size, args.val_fraction)
             teacher = get_teacher(args, tok, train_tokens, logger)
-            teacher_source = f"local:{args.teacher or out_dir / 'teacher.pt'}"
+            teacher_path = Path(args.teacher or out_dir / "teacher.pt")
+            teacher_source = f"local:{teacher_path}"
+            if len(cache) and cache.path.stat().st_mtime < teacher_path.stat().st_mtime:
+                # The cache records prompts and answers, not who wrote them: answers from an earlier teacher
+                # (or an earlier cloze) would be reused as they are.
+                print(f"note: {cache.path} holds {len(cache)} answers written before {teacher_path} was: they may "
+                      f"come from an earlier teacher and are reused as they are; delete it to regenerate them")
             if args.teacher_chat_steps:
                 # Chat SFT on the labelled ground truth only, once: later runs reuse teacher_chat.pt.
                 chat_path = out_dir / "teacher_chat.pt"
@@ -278,7 +284,6 @@ def main():
                 same = ckpt is not None and ckpt["step"] == args.teacher_chat_steps and all(
                     ckpt["args"].get(k) == getattr(args, k)
                     for k in ("teacher", "data_seed", "heldout_fraction", "teacher_chat_lr"))
-                teacher_path = Path(args.teacher or out_dir / "teacher.pt")
                 if same and chat_path.stat().st_mtime >= teacher_path.stat().st_mtime:
                     teacher = model_from_checkpoint(ckpt, chat_path, "teacher chat", tok).to(args.device)
                     print(f"teacher chat SFT: reusing {chat_path}")

@@ -5,7 +5,9 @@ input; in-process, the split of the story questions by character, the cloze each
 teacher's sentence turned into the answer, and the per-fact scoring. Run: python -m pytest tests/test_blackbox_cli.py"""
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 from collections import Counter, defaultdict
@@ -77,6 +79,20 @@ def test_second_run_reuses_the_teacher_and_its_answers(first_run):
     assert "pretraining" not in r.stdout and "720 of 720 answers already there" in r.stdout
     assert len((out / "teacher_answers.jsonl").read_text().splitlines()) == 720, "nothing duplicated"
     assert json.loads((out / "blackbox_report.json").read_text())["baseline"]["accuracy"] is None
+    assert "written before" not in r.stdout, "these answers are the cached teacher's own"
+
+
+def test_answers_older_than_the_teacher_get_a_note(first_run, tmp_path):
+    """The answer cache records prompts and answers, not who wrote them: after the teacher is replaced
+    (its file newer than the cache), reusing the old answers is said in one note."""
+    out, _ = first_run
+    for f in ("tokenizer.model", "teacher.pt", "teacher_answers.jsonl"):
+        shutil.copy(out / f, tmp_path / f)
+    answers = tmp_path / "teacher_answers.jsonl"
+    os.utime(answers, (1_000_000_000, 1_000_000_000))  # written long before the teacher
+    r = run(*TINY, "--out_dir", str(tmp_path), "--no_baseline")
+    assert r.returncode == 0, r.stderr
+    assert f"note: {answers} holds 720 answers written before {tmp_path / 'teacher.pt'} was" in r.stdout
 
 
 def test_chat_tuned_teacher(first_run, tmp_path):
