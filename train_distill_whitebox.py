@@ -246,7 +246,8 @@ def main():
         report["gap_closed"] = (l_b - l_s) / (l_b - l_t) if l_b != l_t else None
     # Steps to match: the student's steps at its first evaluation (every --eval_interval) at or below a
     # baseline's final val loss; None if it never got there.
-    student_curve = [(r["step"] + 1, r["val_loss"]) for r in logger.records if r["run"] == "student" and "val_loss" in r]
+    student_curve = [(r["step"] + 1, r["val_loss"]) for r in logger.records
+                     if r["run"] == "student" and "val_loss" in r]
     report["steps_to_match"] = {name: next((n for n, v in student_curve if v <= report[name]["val_loss"]), None)
                                 for name in ("baseline", "baseline_flops_matched") if name in report}
     report["wall_s"] = time.perf_counter() - t_start

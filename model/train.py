@@ -292,15 +292,9 @@ def add_teacher_args(parser):
 
 def get_teacher(args, tok, train_tokens, logger: Logger) -> Transformer:
     """Load the teacher in eval mode with frozen weights. If --teacher was not given and
-    <out_dir>/teacher.pt is missing, pretrain one first and save it there."""
+    <out_dir>/teacher.pt is missing, pretrain one first and save it there; if it is there, it must have been
+    pretrained with this run's --teacher_* flags."""
     path = Path(args.teacher or Path(args.out_dir) / "teacher.pt")
-    if args.teacher is None and path.is_file():  # the cached default teacher must be the one these flags ask for
-        saved = load_checkpoint(path, "--teacher")["args"]
-        diffs = [f"--{k} {saved.get(k)} (now {getattr(args, k)})" for k in TEACHER_FLAGS
-                 if saved.get(k) != getattr(args, k)]
-        if diffs:
-            raise UserError(f"{path} was pretrained with other settings: {', '.join(diffs)}; delete it to pretrain "
-                            f"a new one, use another --out_dir, or pass --teacher {path} to use it as it is")
     if args.teacher is None and not path.is_file():
         print(f"no teacher at {path}: pretraining one ({args.teacher_layers} layers, C={args.teacher_dim}, "
               f"{args.teacher_steps} steps); later runs reuse it")
@@ -322,6 +316,13 @@ def get_teacher(args, tok, train_tokens, logger: Logger) -> Transformer:
               ckpt_path=ckpt_tmp, logger=logger, tokenizer_sha256=tok.sha256)
         ckpt_tmp.rename(path)
     ckpt = load_checkpoint(path, "--teacher")
+    if args.teacher is None:  # the cached default teacher must be the one these flags ask for
+        saved = ckpt.get("args", {})
+        diffs = [f"--{k} {saved.get(k)} (now {getattr(args, k)})" for k in TEACHER_FLAGS
+                 if saved.get(k) != getattr(args, k)]
+        if diffs:
+            raise UserError(f"{path} was pretrained with other settings: {', '.join(diffs)}; delete it to pretrain "
+                            f"a new one, use another --out_dir, or pass --teacher {path} to use it as it is")
     teacher = model_from_checkpoint(ckpt, path, "--teacher", tok).to(args.device).eval()
     if teacher.config.max_seq_len < args.block_size:
         raise UserError(f"--block_size {args.block_size} is longer than the teacher {path} was built for "
