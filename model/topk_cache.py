@@ -14,7 +14,7 @@ context as online KD, not a neighbouring one. A cache is a folder <out_dir>/topk
 Window b of step s is row s*B + b. A run whose settings differ rebuilds the cache; a run with fewer steps
 and otherwise the same settings reuses it (its windows are a prefix). The folder is written under a
 temporary name and renamed, so a killed build leaves no half-written cache. A position costs K*(2+2)+4
-bytes: 614,400 positions (300 steps of 16 x 128) at K = 32 are 81 MB.
+bytes: 512,000 positions (250 steps of 16 x 128) at K = 32 are 68 MB.
 """
 
 import hashlib
