@@ -3,7 +3,7 @@ White-box distillation: a small student learns from a bigger teacher's logits an
 
     loss = alpha * CE(y, z_S) + (1 - alpha) * T^2 * D(p_T || p_S) + lambda_h * L_hidden + lambda_a * L_attn
 
-With no arguments it runs the whole story on a 2-core CPU in about 13 minutes the first time (8 of them the
+With no arguments it runs the whole story on a 2-core CPU in 11-13 minutes the first time (most of it the
 teacher's pretraining) and 4 once the teacher is cached: generate the embedded story corpus, train a
 tokenizer, pretrain a teacher (once; later runs reuse out/teacher.pt), distil a student, train the same
 student with CE only as a baseline (same init, same batches, same steps) and once more for as many FLOPs as
