@@ -7,7 +7,8 @@ Architecture choices (the same as Llama 2/3, minus the scale):
 - Grouped-query attention (GQA): n_kv_head <= n_head key/value heads, repeated to n_head.
 - Attention through F.scaled_dot_product_attention (SDPA), which picks a fused kernel where there is one.
 - SwiGLU MLP: down(silu(gate(x)) * up(x)).
-- Input embedding and output head share one weight matrix (tied), which saves V*C parameters.
+- Input embedding and output head share one weight matrix (tied), which saves V*C parameters. Most real
+  Llama checkpoints have a separate head (tie_embeddings=False), which a teacher loaded from one keeps.
 
 Notation used in the shape comments:
   B batch size, T sequence length, C model width (n_embd), V vocabulary size,
@@ -33,6 +34,7 @@ class ModelConfig:
     intermediate_size: int = 0       # SwiGLU hidden width; 0 means "about 8/3*C rounded up to 64"
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    tie_embeddings: bool = True      # lm_head shares embed_tokens' matrix; False: its own (V, C) matrix
     head_dim: int = field(init=False)
 
     def __post_init__(self):
@@ -148,7 +150,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.embed_tokens.weight  # tied embeddings
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -196,17 +199,19 @@ class Transformer(nn.Module):
         return out
 
     def num_params(self) -> int:
-        """Parameter count; the tied embedding/head matrix counts once."""
+        """Parameter count; a tied embedding/head matrix counts once."""
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self, seq_len: int, training: bool = True) -> float:
         """FLOPs for one token, after PaLM (Chowdhery et al. 2022, appendix B):
         6N for a training step (2N forward + 4N backward) or 2N for a forward pass, where N counts the
-        matmul weights (the embedding lookup is free, but the tied head is a real V*C matmul), plus
+        matmul weights (the embedding lookup is free, but the head, tied or not, is a real V*C matmul), plus
         attention's scores and weighted sum: 2 matmuls * 2 FLOPs * L * C * T per token forward,
         times 3 for training (12*L*C*T, PaLM's 12*L*H*Q*T)."""
         cfg = self.config
         n_matmul = self.num_params() - sum(p.numel() for n, p in self.named_parameters() if "norm" in n)
+        if not cfg.tie_embeddings:  # a separate lookup table: no matmul
+            n_matmul -= self.embed_tokens.weight.numel()
         attn = 4 * cfg.n_layer * cfg.n_embd * seq_len
         return (6 * n_matmul + 3 * attn) if training else (2 * n_matmul + attn)
 
