@@ -215,7 +215,8 @@ def main():
     # ------------------------------------------------------------------------------------------------------
     # data: the tokenizer (shared with the white-box script) and the checkable question/answer task
     docs = load_corpus(args.data, args.data_seed, args.n_chars)
-    tok = get_tokenizer(out_dir, docs, args.vocab_size)
+    tok = get_tokenizer(out_dir, docs, args.vocab_size, args.teacher)  # a Hugging Face teacher's, if one
+    tok.check_chat_tags()  # the student learns answers in the chat template
     labelled_qa, heldout_qa, asks = story_qa(args.data_seed, args.heldout_fraction)
     print(f"task: {len(labelled_qa) + len(heldout_qa)} story questions | {len(labelled_qa)} labelled "
           f"| {len(heldout_qa)} held out (their characters' true answers are never trained on)")

@@ -134,7 +134,7 @@ def main():
     # ------------------------------------------------------------------------------------------------------
     # data
     docs = load_corpus(args.data, args.data_seed, args.n_chars)
-    tok = get_tokenizer(out_dir, docs, args.vocab_size)
+    tok = get_tokenizer(out_dir, docs, args.vocab_size, args.teacher)  # a Hugging Face teacher's, if one
     train_tokens, val_tokens = tokenize_split(docs, tok, args.block_size, args.val_fraction)
     val_batches = eval_batches(val_tokens, args.batch_size, args.block_size, args.eval_tokens)
     print(f"data: {len(docs)} documents | {len(train_tokens):,} train tokens | {len(val_tokens):,} val tokens "

@@ -50,6 +50,7 @@ def split_think(content: str, reasoning: str | None = None) -> tuple[str, str | 
 
 def chat_header(tok, role: str) -> list[int]:
     """The ids of "<|im_start|>role\\n", a message's header in chat_text's template."""
+    tok.check_chat_tags()
     return [tok.special["<|im_start|>"]] + tok.encode(f"{role}\n")
 
 

@@ -37,8 +37,19 @@ class Tokenizer:
             raise UserError(f"{self.path}: not a sentencepiece model (corrupt or wrong file)") from None
         self.sha256 = hashlib.sha256(data).hexdigest()  # identity, checked between teacher and student
         self.vocab_size = self.sp.get_piece_size()
-        self.pad_id, self.eos_id = self.sp.pad_id(), self.sp.eos_id()
-        self.special = {tok: self.sp.piece_to_id(tok) for tok in SPECIAL_TOKENS}
+        self.eos_id = self.sp.eos_id()
+        # Llama's tokenizer has no pad piece (pad_id -1); padding only fills rows after their end, so EOS does.
+        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
+        # The chat tags that are pieces: all four in ours, none in e.g. Llama 2's (an unknown piece is <unk>).
+        self.special = {tag: i for tag in SPECIAL_TOKENS if (i := self.sp.piece_to_id(tag)) != self.sp.unk_id()}
+
+    def check_chat_tags(self):
+        """The chat template writes each tag as one piece: a tokenizer without them (a Hugging Face
+        teacher's) can tokenize text, not chats."""
+        missing = [tag for tag in SPECIAL_TOKENS if tag not in self.special]
+        if missing:
+            raise UserError(f"{self.path} has no {' '.join(missing)} pieces, which the chat template needs (it "
+                            f"comes from a Hugging Face teacher): train on plain text, or use a teacher with them")
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         """Token ids of text. By default text is only text: a literal tag in it is spelled with ordinary
@@ -78,11 +89,33 @@ def train_tokenizer(texts, path, vocab_size: int) -> Tokenizer:
     return Tokenizer(path)
 
 
-def get_tokenizer(out_dir, docs, vocab_size: int) -> Tokenizer:
+def get_tokenizer(out_dir, docs, vocab_size: int, teacher=None) -> Tokenizer:
     """<out_dir>/tokenizer.model if it exists (the teacher was trained with it), else train one on docs
-    (documents as model.data.load_corpus returns them: texts or conversations)."""
+    (documents as model.data.load_corpus returns them: texts or conversations). A Hugging Face teacher
+    folder (--teacher DIR) brings its own: see folder_tokenizer."""
     path = Path(out_dir) / "tokenizer.model"
+    if teacher is not None and Path(teacher).is_dir():
+        return folder_tokenizer(Path(teacher), path)
     if path.is_file():
         return Tokenizer(path)
     print(f"training a {vocab_size}-piece BPE tokenizer -> {path}")
     return train_tokenizer(map(document_text, docs), path, vocab_size)
+
+
+def folder_tokenizer(folder: Path, path: Path) -> Tokenizer:
+    """A Hugging Face teacher's tokenizer.model, copied to path (<out_dir>/tokenizer.model): the student
+    must speak the teacher's vocabulary, and its checkpoints, caches and export find it there. Another
+    tokenizer already at path is an error: what out_dir holds was made with that one."""
+    src = folder / "tokenizer.model"
+    if not src.is_file():
+        found = "only tokenizer.json" if (folder / "tokenizer.json").is_file() else "no tokenizer.model"
+        raise UserError(f"--teacher {folder}: {found}; MiniDistill reads sentencepiece tokenizer.model files "
+                        f"(Llama 2, TinyLlama, Mistral 7B v0.1 ship one; Llama 3 and Qwen do not)")
+    data = src.read_bytes()
+    if path.is_file() and path.read_bytes() != data:
+        raise UserError(f"{path} is not the tokenizer of --teacher {folder}: use another --out_dir (what this "
+                        f"one holds was made with its own tokenizer)")
+    if not path.is_file():
+        print(f"tokenizer: the teacher's {src} -> {path}")
+        atomic_write_bytes(path, data)
+    return Tokenizer(path)

@@ -12,6 +12,7 @@ import torch
 
 from model.common import UserError, atomic_torch_save, autocast
 from model.data import get_batch
+from model.hf import load_folder
 from model.losses import cross_entropy, target_mask
 from model.model import ModelConfig, Transformer
 
@@ -279,7 +280,9 @@ TEACHER_FLAGS = ("teacher_layers", "teacher_dim", "teacher_heads", "teacher_kv_h
 def add_teacher_args(parser):
     """The teacher flags, shared by both scripts so that they load or build the same teacher."""
     parser.add_argument("--teacher", default=None,
-                        help="teacher checkpoint; default <out_dir>/teacher.pt, pretrained first if missing")
+                        help="teacher checkpoint, or a Hugging Face Llama folder (config.json, *.safetensors, "
+                             "tokenizer.model: the student then uses its tokenizer); default <out_dir>/teacher.pt, "
+                             "pretrained first if missing")
     parser.add_argument("--teacher_layers", type=int, default=4, help="teacher pretraining: layers")
     parser.add_argument("--teacher_dim", type=int, default=256, help="teacher pretraining: width C")
     parser.add_argument("--teacher_heads", type=int, default=4, help="teacher pretraining: query heads")
@@ -291,9 +294,9 @@ def add_teacher_args(parser):
 
 
 def get_teacher(args, tok, train_tokens, logger: Logger) -> Transformer:
-    """Load the teacher in eval mode with frozen weights. If --teacher was not given and
-    <out_dir>/teacher.pt is missing, pretrain one first and save it there; if it is there, it must have been
-    pretrained with this run's --teacher_* flags."""
+    """Load the teacher in eval mode with frozen weights: a checkpoint, or a Hugging Face Llama folder
+    (model/hf.py). If --teacher was not given and <out_dir>/teacher.pt is missing, pretrain one first and
+    save it there; if it is there, it must have been pretrained with this run's --teacher_* flags."""
     path = Path(args.teacher or Path(args.out_dir) / "teacher.pt")
     if args.teacher is None and not path.is_file():
         print(f"no teacher at {path}: pretraining one ({args.teacher_layers} layers, C={args.teacher_dim}, "
@@ -315,15 +318,19 @@ def get_teacher(args, tok, train_tokens, logger: Logger) -> Transformer:
         train(teacher, ce_only, teacher_batch, args, name="teacher", steps=args.teacher_steps, lr=args.teacher_lr,
               ckpt_path=ckpt_tmp, logger=logger, tokenizer_sha256=tok.sha256)
         ckpt_tmp.rename(path)
-    ckpt = load_checkpoint(path, "--teacher")
-    if args.teacher is None:  # the cached default teacher must be the one these flags ask for
-        saved = ckpt.get("args", {})
-        diffs = [f"--{k} {saved.get(k)} (now {getattr(args, k)})" for k in TEACHER_FLAGS
-                 if saved.get(k) != getattr(args, k)]
-        if diffs:
-            raise UserError(f"{path} was pretrained with other settings: {', '.join(diffs)}; delete it to pretrain "
-                            f"a new one, use another --out_dir, or pass --teacher {path} to use it as it is")
-    teacher = model_from_checkpoint(ckpt, path, "--teacher", tok).to(args.device).eval()
+    if path.is_dir():  # a Hugging Face Llama folder; tok is its tokenizer.model (model/tokenizer.py)
+        teacher = load_folder(path, tok).to(args.device).eval()
+    else:
+        ckpt = load_checkpoint(path, "--teacher")
+        if args.teacher is None:  # the cached default teacher must be the one these flags ask for
+            saved = ckpt.get("args", {})
+            diffs = [f"--{k} {saved.get(k)} (now {getattr(args, k)})" for k in TEACHER_FLAGS
+                     if saved.get(k) != getattr(args, k)]
+            if diffs:
+                raise UserError(f"{path} was pretrained with other settings: {', '.join(diffs)}; delete it to "
+                                f"pretrain a new one, use another --out_dir, or pass --teacher {path} to use it "
+                                f"as it is")
+        teacher = model_from_checkpoint(ckpt, path, "--teacher", tok).to(args.device).eval()
     if teacher.config.max_seq_len < args.block_size:
         raise UserError(f"--block_size {args.block_size} is longer than the teacher {path} was built for "
                         f"({teacher.config.max_seq_len})")
