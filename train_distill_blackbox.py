@@ -19,7 +19,8 @@ are split in two: the ground-truth answers of the "labelled" ones may be used fo
      ground truth of the labelled characters, all the labelled data there is;
   4. accuracy on the held-out characters for teacher, student and baseline, overall and per fact (an
      answer is right if the fact it states is the character's true one), the student's perplexity on
-     held-out teacher answers, a few samples; out/blackbox_report.json.
+     held-out teacher answers, a few samples; out/blackbox_report.json, and the perplexity curves in
+     out/blackbox_loss.svg.
 The held-out facts reach the student only through the teacher's text.
 
     python train_distill_blackbox.py
@@ -40,6 +41,7 @@ from model.common import ArgumentParser, UserError, atomic_write_bytes, pick_dev
 from model.data import load_corpus, tokenize_split
 from model.losses import cross_entropy
 from model.model import ModelConfig, Transformer
+from model.plot import write_loss_plot
 from model.sft import (answer_perplexity, encode_chat, generate_answers, local_answers, read_prompts,
                        sample_examples, sft_batch)
 from model.teachers import AnswerCache, api_answers, load_teacher_data
@@ -414,8 +416,10 @@ def main():
                            for i, (q, a) in enumerate(shown)],
                   args=vars(args))
     # The report is written before anything is printed, so that nothing after training can lose it.
-    report_path = out_dir / "blackbox_report.json"
+    report_path, plot_path = out_dir / "blackbox_report.json", out_dir / "blackbox_loss.svg"
     atomic_write_bytes(report_path, json.dumps(report, indent=2).encode())
+    plotted = write_loss_plot(plot_path, logger.records, "answer_ppl", "black-box distillation: answer perplexity",
+                              "perplexity on held-out teacher answers", level=report["teacher"]["answer_ppl"])
 
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)
@@ -444,7 +448,8 @@ def main():
         for name in ("teacher", "student", "baseline"):
             if name in s:
                 print(f"  {name:<8} {s[name]!r}")
-    print(f"\nreport -> {report_path} | wall time {report['wall_s']:.0f} s")
+    print(f"\nreport -> {report_path}" + (f" | loss curves -> {plot_path}" if plotted else "")
+          + f" | wall time {report['wall_s']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -7,12 +7,14 @@ With no arguments it runs the whole story on a 2-core CPU in 11-13 minutes the f
 teacher's pretraining) and 4 once the teacher is cached: generate the embedded story corpus, train a
 tokenizer, pretrain a teacher (once; later runs reuse out/teacher.pt), distil a student, train the same
 student with CE only as a baseline (same init, same batches, same steps) and once more for as many FLOPs as
-distillation spent, and print a comparison table (also written to out/whitebox_report.json).
+distillation spent, and print a comparison table (also written to out/whitebox_report.json; the
+validation-loss curves go to out/whitebox_loss.svg).
 
     python train_distill_whitebox.py
     python train_distill_whitebox.py --divergence reverse_kl --temperature 2 --hidden_weight 1
     python train_distill_whitebox.py --device cuda --dtype bf16 --data my_corpus.jsonl
     python train_distill_whitebox.py --cache_teacher_topk 32 --attn_weight 0   # offline KD, top-32 cache
+    python train_distill_whitebox.py --teacher ~/TinyLlama-1.1B --device cuda   # a Hugging Face Llama folder
 """
 
 import json
@@ -28,6 +30,7 @@ from model.data import eval_batches, get_batch, load_corpus, tokenize_split
 from model.losses import (DIVERGENCES, attention_relation_loss, cross_entropy, hidden_loss, kd_loss,
                           layer_map, topk_kd_loss)
 from model.model import ModelConfig, Transformer, generate
+from model.plot import write_loss_plot
 from model.tokenizer import get_tokenizer
 from model.topk_cache import get_cached_batch, get_topk_cache
 from model.train import (Logger, add_data_args, add_optim_args, add_teacher_args, check_optim_args, evaluate,
@@ -276,9 +279,12 @@ def main():
         ids = generate(model, prompt, args.sample_tokens, temperature=0.8, top_k=50, generator=g)
         print(f"--- {name}: {tok.decode(ids[0, prompt.size(1):].tolist())!r}")
 
-    report_path = out_dir / "whitebox_report.json"
+    report_path, plot_path = out_dir / "whitebox_report.json", out_dir / "whitebox_loss.svg"
     atomic_write_bytes(report_path, json.dumps(report, indent=2).encode())
-    print(f"\nreport -> {report_path} | wall time {report['wall_s']:.0f} s")
+    plotted = write_loss_plot(plot_path, logger.records, "val_loss", "white-box distillation: validation loss",
+                              "validation loss (CE, nats/token)", level=report["teacher"]["val_loss"])
+    print(f"\nreport -> {report_path}" + (f" | loss curves -> {plot_path}" if plotted else "")
+          + f" | wall time {report['wall_s']:.0f} s")
 
 
 if __name__ == "__main__":
