@@ -59,7 +59,7 @@ def test_default_flow_writes_the_report(first_run):
     assert report["n_eval"] == 144 and report["teacher_source"].startswith("local:") and report["wall_s"] > 0
     assert report["n_skipped"] == {"teacher_answers": 0, "perplexity_answers": 0, "labelled_true_answers": 0}
     assert report["n_baseline_answers"] == 720 - 144, "the baseline trains on the 576 labelled answers only"
-    for f in ("teacher.pt", "blackbox_student.pt", "blackbox_baseline.pt", "tokenizer.model"):
+    for f in ("teacher.pt", "blackbox_student.pt", "blackbox_baseline.pt", "tokenizer.model", "blackbox_loss.svg"):
         assert (out / f).is_file(), f
     records = [json.loads(line) for line in (out / "teacher_answers.jsonl").read_text().splitlines()]
     assert len(records) == 720, "one teacher answer per story question"

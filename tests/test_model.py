@@ -129,3 +129,10 @@ def test_flops_per_token_by_hand():
     assert m.flops_per_token(16, training=True) == 6 * 32768 + 3 * 4096 == 208896, "training: 6N + 12LCT"
     # the attention term grows with the context, the weights term does not: T = 32 adds 4LC(32 - 16) more
     assert m.flops_per_token(32, training=False) == 69632 + 4096, "attention FLOPs are linear in T"
+
+
+def test_an_untied_head_is_its_own_matrix():
+    tied, untied = tiny(), tiny(tie_embeddings=False)
+    assert tied.lm_head.weight is tied.embed_tokens.weight and untied.lm_head.weight is not untied.embed_tokens.weight
+    assert untied.num_params() - tied.num_params() == 64 * 32, "one more V x C matrix"
+    assert untied.flops_per_token(16) == tied.flops_per_token(16), "the embedding lookup costs no FLOPs, tied or not"

@@ -45,6 +45,7 @@ def test_default_flow_writes_the_report(first_run):
     assert report["student"]["kl_from_teacher"] > 0, "the student is not the teacher: KL(T || student) > 0"
     assert "gap_closed" in report and report["wall_s"] > 0
     assert (out / "teacher.pt").is_file() and (out / "student.pt").is_file() and (out / "tokenizer.model").is_file()
+    assert (out / "whitebox_loss.svg").is_file() and "loss curves ->" in r.stdout, "the curves (tests/test_hf.py)"
     log = [json.loads(line) for line in (out / "whitebox_log.jsonl").read_text().splitlines()]
     assert {"teacher", "student", "baseline"} <= {rec["run"] for rec in log}
     assert any("hid" in rec and "attn" in rec for rec in log if rec["run"] == "student")
