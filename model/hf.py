@@ -162,7 +162,10 @@ def read_weights(folder) -> dict:
     if not index.is_file():
         raise UserError(f"{folder}: no model.safetensors or model.safetensors.index.json (a pytorch_model.bin "
                         f"must be saved as safetensors first: save_pretrained(..., safe_serialization=True))")
-    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, AttributeError):
+        raise UserError(f"{index}: not a safetensors index (no weight_map of tensor -> shard file)") from None
     for shard in shards:
         if not (folder / shard).is_file():
             raise UserError(f"{folder}: shard {shard}, listed in {index.name}, is missing")
