@@ -31,7 +31,6 @@ import random
 import time
 from pathlib import Path
 
-
 from model.chat import qa_conversation, sample_examples, sft_batch, sft_examples
 from model.cli import (add_data_args, add_optim_args, add_student_args, add_teacher_args, check_optim_args,
                        resolve_device)
