@@ -7,47 +7,43 @@ With no arguments it runs the whole story on a 2-core CPU in 11-13 minutes the f
 teacher's pretraining) and 4 once the teacher is cached: generate the embedded story corpus, train a
 tokenizer, pretrain a teacher (once; later runs reuse out/teacher.pt), distil a student, train the same
 student with CE only as a baseline (same init, same batches, same steps) and once more for as many FLOPs as
-distillation spent, and print a comparison table (also written to out/whitebox_report.json; the
-validation-loss curves go to out/whitebox_loss.svg).
+distillation spent, and print a comparison table (also written to out/whitebox_report.json).
 
     python train_distill_whitebox.py
     python train_distill_whitebox.py --divergence reverse_kl --temperature 2 --hidden_weight 1
     python train_distill_whitebox.py --device cuda --dtype bf16 --data my_corpus.jsonl
     python train_distill_whitebox.py --cache_teacher_topk 32 --attn_weight 0   # offline KD, top-32 cache
-    python train_distill_whitebox.py --teacher ~/TinyLlama-1.1B --device cuda   # a Hugging Face Llama folder
 """
 
 import json
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from model.common import ArgumentParser, UserError, atomic_write_bytes, pick_device, pick_dtype, run_main
+from model.cli import (add_data_args, add_optim_args, add_student_args, add_teacher_args, check_optim_args,
+                       resolve_device)
+from model.common import ArgumentParser, UserError, atomic_write_bytes, compiled, run_main
 from model.data import eval_batches, get_batch, load_corpus, tokenize_split
-from model.losses import (DIVERGENCES, attention_relation_loss, cross_entropy, hidden_loss, kd_loss,
-                          layer_map, topk_kd_loss)
-from model.model import ModelConfig, Transformer, generate
+from model.evaluate import evaluate
+from model.losses import DIVERGENCES, attention_relation_loss, cross_entropy, hidden_loss, kd_loss, topk_kd_loss
+from model.model import Transformer, generate
+from model.student import init_from_teacher, new_student, parse_layer_map
+from model.teachers import get_teacher, teacher_path
 from model.plot import write_loss_plot
 from model.tokenizer import get_tokenizer
 from model.topk_cache import get_cached_batch, get_topk_cache
-from model.train import (Logger, add_data_args, add_optim_args, add_teacher_args, check_optim_args, evaluate,
-                         get_teacher, train)
+from model.train import Logger, TrainConfig, ce_loss, train
 
 
 def parse_args():
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     # data, output and hardware (shared with the black-box script)
     add_data_args(p)
-    # teacher
+    # teacher and student
     add_teacher_args(p)
-    # student
-    p.add_argument("--n_layer", type=int, default=2, help="student layers")
-    p.add_argument("--n_embd", type=int, default=128, help="student width C")
-    p.add_argument("--n_head", type=int, default=4, help="student query heads")
-    p.add_argument("--n_kv_head", type=int, default=2, help="student key/value heads")
+    add_student_args(p)
     p.add_argument("--init", default="random", choices=["random", "teacher"],
                    help="student init: random, or every other teacher layer (DistilBERT; needs the "
                         "teacher's shape in all but depth)")
@@ -66,15 +62,13 @@ def parse_args():
     p.add_argument("--attn_heads", type=int, default=4, help="relation heads of the attention loss")
     p.add_argument("--no_baseline", action="store_true", help="skip the CE-only baseline student")
     p.add_argument("--no_flops_matched", action="store_true",
-                   help="skip the CE-only baseline trained for as many FLOPs as distillation spent: steps * "
-                        "(student training + teacher forward FLOPs) / student training FLOPs (offline KD: the same "
-                        "steps)")
+                   help="skip the CE-only baseline trained for as many FLOPs as distillation spent (a KD step: "
+                        "the student's training + the teacher's forward FLOPs; offline KD: the same steps)")
     p.add_argument("--cache_teacher_topk", type=int, default=0,
                    help="offline KD: cache the teacher's top-K log-probs of every train position once "
                         "(out_dir/topk_kK), then train with no teacher in memory; 0 = online KD")
     p.add_argument("--kd_chunk_size", type=int, default=0,
-                   help="compute the online KD loss this many positions at a time (less memory at large V); "
-                        "0 = all at once")
+                   help="online KD loss this many positions at a time (less memory at large V); 0 = all at once")
     p.add_argument("--compile", action="store_true", help="torch.compile the student and teacher forwards")
     # optimization
     add_optim_args(p, steps=250, lr=1e-2, log_interval=50, eval_interval=25)
@@ -92,50 +86,59 @@ def parse_args():
     return args
 
 
-def parse_layer_map(spec, n_student: int, n_teacher: int):
-    """'1:2,2:4' -> [(1, 2), (2, 4)]; None -> evenly spaced. Blocks are numbered from 1."""
-    if spec is None:
-        return layer_map(n_student, n_teacher)
-    try:
-        pairs = [tuple(int(n) for n in item.split(":")) for item in spec.split(",")]
-    except ValueError:
-        raise UserError(f"--layer_map {spec!r}: expected pairs like '1:2,2:4'") from None
-    for pair in pairs:
-        if len(pair) != 2 or not (1 <= pair[0] <= n_student and 1 <= pair[1] <= n_teacher):
-            raise UserError(f"--layer_map {spec!r}: student blocks are 1..{n_student}, teacher 1..{n_teacher}")
-    return pairs
+def fit(args, name: str, model, loss_fn, batch_fn, steps: int, val_batches, logger, tok, aux=None) -> float:
+    """train() for `steps` steps with the flags' settings, into out_dir/<name>.pt, evaluating val loss."""
+    return train(model, loss_fn, batch_fn, TrainConfig.from_args(args, steps=steps), name=name,
+                 ckpt_path=Path(args.out_dir) / f"{name}.pt", logger=logger, saved_args=args,
+                 tokenizer_sha256=tok.sha256, aux=aux,
+                 eval_fn=lambda: evaluate(model, val_batches, args.device, args.dtype))
 
 
-def init_from_teacher(student, teacher):
-    """DistilBERT's init: student block i copies teacher block 2i; embeddings and final norm copied too.
-    The configs must match in everything but depth and max_seq_len (RoPE tables are not weights): other
-    head counts can give the very same weight shapes (4 heads of 8 vs 2 heads of 16), which would load
-    silently into a different function, and other sizes would fail in load_state_dict."""
-    s, t = student.config, teacher.config
-    diffs = [f"{f.name} {getattr(s, f.name)} (teacher {getattr(t, f.name)})" for f in fields(ModelConfig)
-             if f.name not in ("n_layer", "max_seq_len") and getattr(s, f.name) != getattr(t, f.name)]
-    if diffs:
-        raise UserError(f"--init teacher copies the teacher's blocks, so the student must match it in all but "
-                        f"depth: {', '.join(diffs)} (use the teacher's shape or --init random)")
-    student.embed_tokens.load_state_dict(teacher.embed_tokens.state_dict())
-    student.norm.load_state_dict(teacher.norm.state_dict())
-    for i, block in enumerate(student.layers):
-        block.load_state_dict(teacher.layers[min(2 * i, teacher.config.n_layer - 1)].state_dict())
+def compare(models, teacher, val_batches, train_s, steps, log_records, device: str, dtype: str) -> dict:
+    """The report: each model's validation figures against the teacher, the share of the teacher gap the
+    student closed, and the steps the student took to match each baseline: its steps at its first evaluation
+    (every --eval_interval, read from the log) at or below the baseline's final val loss, None if never."""
+    report = {name: {**evaluate(model, val_batches, device, dtype, teacher=teacher), "params": model.num_params(),
+                     "train_s": train_s.get(name), "steps": steps.get(name)} for name, model in models.items()}
+    if "baseline" in report:
+        l_t, l_s, l_b = (report[k]["val_loss"] for k in ("teacher", "student", "baseline"))
+        report["gap_closed"] = (l_b - l_s) / (l_b - l_t) if l_b != l_t else None
+    curve = [(r["step"] + 1, r["val_loss"]) for r in log_records if r["run"] == "student" and "val_loss" in r]
+    report["steps_to_match"] = {name: next((n for n, v in curve if v <= report[name]["val_loss"]), None)
+                                for name in ("baseline", "baseline_flops_matched") if name in report}
+    return report
+
+
+def print_report(report: dict, models: dict, tok, prompt, args):
+    """The comparison table, then what each model writes after the prompt (the same sampling for all)."""
+    w = max(9, *map(len, models))  # the name column fits "baseline_flops_matched" when it is there
+    print(f"\n{'model':<{w}} {'params':>8} {'val loss':>9} {'val ppl':>8} {'top1 agr':>9} {'KL(T||m)':>9} "
+          f"{'fwd tok/s':>10}")
+    for name in models:
+        r = report[name]
+        print(f"{name:<{w}} {r['params'] / 1e6:>7.2f}M {r['val_loss']:>9.4f} {r['val_ppl']:>8.2f} "
+              f"{r['top1_agreement']:>9.3f} {r['kl_from_teacher']:>9.4f} {r['fwd_tok_s']:>10,.0f}")
+    if report.get("gap_closed") is not None:
+        print(f"share of the teacher gap closed by distillation: {report['gap_closed']:.1%} "
+              f"(baseline - student) / (baseline - teacher) in val loss")
+    for name, n in report["steps_to_match"].items():
+        print(f"steps to match {name} ({report[name]['val_loss']:.4f} after {report[name]['steps']} steps): "
+              + (f"the student got there after {n} of its {args.steps} steps" if n else "the student never got there")
+              + f" (evaluated every {args.eval_interval})")
+    print(f"\nsamples (temperature 0.8, top-k 50) after the prompt {tok.decode(prompt[0].tolist())!r}:")
+    for name, model in models.items():
+        g = torch.Generator(device=args.device).manual_seed(args.seed)
+        ids = generate(model, prompt, args.sample_tokens, temperature=0.8, top_k=50, generator=g)
+        print(f"--- {name}: {tok.decode(ids[0, prompt.size(1):].tolist())!r}")
 
 
 def main():
     args = parse_args()
     t_start = time.perf_counter()
     # ------------------------------------------------------------------------------------------------------
-    # device
-    args.device = pick_device(args.device)
-    args.dtype = pick_dtype(args.dtype, args.device)
-    out_dir = Path(args.out_dir)
-    logger = Logger(out_dir / "whitebox_log.jsonl")
-    print(f"device {args.device} | dtype {args.dtype} | out_dir {out_dir}")
-
-    # ------------------------------------------------------------------------------------------------------
-    # data
+    # device and data: every run below trains on the same windows for the same (seed, step)
+    resolve_device(args)
+    out_dir, logger = Path(args.out_dir), Logger(Path(args.out_dir) / "whitebox_log.jsonl")
     docs = load_corpus(args.data, args.data_seed, args.n_chars)
     tok = get_tokenizer(out_dir, docs, args.vocab_size, args.teacher)  # a Hugging Face teacher's, if one
     train_tokens, val_tokens = tokenize_split(docs, tok, args.block_size, args.val_fraction)
@@ -143,45 +146,59 @@ def main():
     print(f"data: {len(docs)} documents | {len(train_tokens):,} train tokens | {len(val_tokens):,} val tokens "
           f"| vocab {tok.vocab_size}")
 
+    def batch(step):
+        return get_batch(train_tokens, step, args.batch_size, args.block_size, args.seed)
+
     # ------------------------------------------------------------------------------------------------------
     # teacher and student
     teacher = get_teacher(args, tok, train_tokens, logger)
-    torch.manual_seed(args.seed)
-    student = Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=args.n_layer, n_embd=args.n_embd,
-                                      n_head=args.n_head, n_kv_head=args.n_kv_head,
-                                      max_seq_len=args.block_size)).to(args.device)
+    student = new_student(args, tok.vocab_size)
     if args.init == "teacher":
         init_from_teacher(student, teacher)
-    init_state = {k: v.clone() for k, v in student.state_dict().items()}  # the baseline starts here too
+    init_state = {k: v.clone() for k, v in student.state_dict().items()}  # the baselines start here too
     pairs = parse_layer_map(args.layer_map, args.n_layer, teacher.config.n_layer)
     # One learned map d_s -> d_t per matched layer. It lives only during training: not in the saved student.
-    projector = nn.ModuleList(nn.Linear(args.n_embd, teacher.config.n_embd, bias=False) for _ in pairs)
-    projector.to(args.device)
+    projector = nn.ModuleList(nn.Linear(args.n_embd, teacher.config.n_embd, bias=False) for _ in pairs).to(args.device)
     use_hidden, use_attn = args.hidden_weight > 0, args.attn_weight > 0
     if use_attn and (args.n_embd % args.attn_heads or teacher.config.n_embd % args.attn_heads):
         raise UserError(f"--attn_heads {args.attn_heads} must divide both widths "
                         f"({args.n_embd}, {teacher.config.n_embd})")
     print(f"teacher {teacher.num_params() / 1e6:.2f}M params | student {student.num_params() / 1e6:.2f}M params "
           f"| layer map {pairs if use_hidden else 'unused'}")
-    if args.cache_teacher_topk:  # offline KD: the teacher runs once, then leaves memory until the report
-        teacher_path = args.teacher or out_dir / "teacher.pt"
-        cache = get_topk_cache(args, teacher, train_tokens, teacher_path, tok.sha256)
-        teacher.to("meta")  # frees the weights; the config stays
 
-    # torch.compile wraps the modules; training and checkpoints keep using the plain ones (same weights).
-    student_fwd, teacher_fwd = (torch.compile(student), torch.compile(teacher)) if args.compile else (student, teacher)
+    # ------------------------------------------------------------------------------------------------------
+    # the teacher's side of the KD term: online, a teacher forward pass per step; or offline, its top-k
+    # log-probs computed once (model/topk_cache.py), with no teacher in memory while the student trains
+    if args.cache_teacher_topk:
+        cache = get_topk_cache(args, teacher, train_tokens, teacher_path(args), tok.sha256)
+        teacher.to("meta")  # frees the weights (the config stays); the evaluation loads them again
+        teacher_flops = 0   # per step: the cache was paid for once
+
+        def kd_batch(step):  # batch(step)'s windows, plus their cache rows (ids, logp, tail)
+            return get_cached_batch(train_tokens, cache, step, args.batch_size, args.block_size, args.seed)
+
+        def kd_term(x, labels, s_logits, *cached):
+            return topk_kd_loss(s_logits, *cached, labels, args.divergence, args.temperature, args.jsd_beta,
+                                args.skew), None
+    else:
+        kd_batch, teacher_fwd = batch, compiled(teacher, args.compile)
+        teacher_flops = teacher.flops_per_token(args.block_size, training=False)
+
+        def kd_term(x, labels, s_logits):
+            # inference_mode: no autograd bookkeeping and no kept activations for the frozen teacher
+            with torch.inference_mode():
+                t_out = teacher_fwd(x, output_hidden_states=use_hidden, output_qkv=use_attn)
+            return kd_loss(s_logits, t_out["logits"], labels, args.divergence, args.temperature, args.jsd_beta,
+                           args.skew, args.kd_chunk_size), t_out
+
+    # ------------------------------------------------------------------------------------------------------
+    # the loss: alpha * CE + (1 - alpha) * KD, plus the hidden-state and attention-relation terms
+    student_fwd = compiled(student, args.compile)
 
     def kd_step(x, labels, *cached):
         s_out = student_fwd(x, output_hidden_states=use_hidden, output_qkv=use_attn)
         ce = cross_entropy(s_out["logits"], labels)
-        if cached:  # offline: the (ids, logp, tail) cache rows of these windows stand in for the teacher
-            kd = topk_kd_loss(s_out["logits"], *cached, labels, args.divergence, args.temperature,
-                              args.jsd_beta, args.skew)
-        else:  # inference_mode: no autograd bookkeeping and no kept activations for the frozen teacher
-            with torch.inference_mode():
-                t_out = teacher_fwd(x, output_hidden_states=use_hidden, output_qkv=use_attn)
-            kd = kd_loss(s_out["logits"], t_out["logits"], labels, args.divergence, args.temperature,
-                         args.jsd_beta, args.skew, args.kd_chunk_size)
+        kd, t_out = kd_term(x, labels, s_out["logits"], *cached)
         loss = args.alpha * ce + (1 - args.alpha) * kd
         parts = {"ce": ce, "kd": kd}
         if use_hidden:
@@ -195,94 +212,35 @@ def main():
         return loss, {"loss": loss, **parts}
 
     # ------------------------------------------------------------------------------------------------------
-    # distil, then the CE-only baseline from the same init on the same batches
-    def batch_fn(step):
-        if args.cache_teacher_topk:
-            return get_cached_batch(train_tokens, cache, step, args.batch_size, args.block_size, args.seed)
-        return get_batch(train_tokens, step, args.batch_size, args.block_size, args.seed)
-
-    student_s = train(student, kd_step, batch_fn, args, name="student", steps=args.steps, lr=args.lr,
-                      ckpt_path=out_dir / "student.pt", logger=logger, tokenizer_sha256=tok.sha256,
-                      aux=projector if use_hidden else None,
-                      eval_fn=lambda: evaluate(student, val_batches, args.device, args.dtype))
-    models = {"teacher": teacher, "student": student}
-    train_s, train_steps = {"student": student_s}, {"student": args.steps}
-
-    def train_baseline(name: str, steps: int):
-        """CE only, from the student's initial weights, on the same (seed, step) batches."""
-        model = Transformer(student.config).to(args.device)
-        model.load_state_dict(init_state)
-        model_fwd = torch.compile(model) if args.compile else model
-
-        def ce_step(x, labels, *_):  # ignores the cache rows of an offline run
-            loss = cross_entropy(model_fwd(x)["logits"], labels)
-            return loss, {"loss": loss}
-
-        train_s[name] = train(model, ce_step, batch_fn, args, name=name, steps=steps, lr=args.lr,
-                              ckpt_path=out_dir / f"{name}.pt", logger=logger, tokenizer_sha256=tok.sha256,
-                              eval_fn=lambda: evaluate(model, val_batches, args.device, args.dtype))
-        models[name], train_steps[name] = model, steps
-
-    if not args.no_baseline:
-        train_baseline("baseline", args.steps)
+    # distil, then the CE-only baselines from the same init on the same batches
+    models, train_s = {"teacher": teacher, "student": student}, {}
+    train_s["student"] = fit(args, "student", student, kd_step, kd_batch, args.steps, val_batches, logger, tok,
+                             aux=projector if use_hidden else None)
+    steps = {"student": args.steps} | ({} if args.no_baseline else {"baseline": args.steps})
     if not args.no_flops_matched:
-        # Equal compute: a KD step also pays for the teacher's forward pass (none per step when offline: the
-        # cache was paid for once). The losses' own FLOPs are small next to the models' and are not counted.
-        teacher_flops = 0 if args.cache_teacher_topk else teacher.flops_per_token(args.block_size, training=False)
+        # Equal compute: a KD step also pays for the teacher's forward pass (none when offline). The losses'
+        # own FLOPs are small next to the models' and are not counted.
         student_flops = student.flops_per_token(args.block_size)
-        fm_steps = round(args.steps * (student_flops + teacher_flops) / student_flops)
-        print(f"FLOPs-matched baseline: {fm_steps} CE steps = {args.steps} KD steps x "
+        steps["baseline_flops_matched"] = round(args.steps * (student_flops + teacher_flops) / student_flops)
+        print(f"FLOPs-matched baseline: {steps['baseline_flops_matched']} CE steps = {args.steps} KD steps x "
               f"{(student_flops + teacher_flops) / student_flops:.2f} (student + teacher forward FLOPs / student's)")
-        train_baseline("baseline_flops_matched", fm_steps)
+    for name in list(steps)[1:]:
+        model = models[name] = Transformer(student.config).to(args.device)
+        model.load_state_dict(init_state)
+        train_s[name] = fit(args, name, model, ce_loss(compiled(model, args.compile)), batch, steps[name],
+                            val_batches, logger, tok)
 
     # ------------------------------------------------------------------------------------------------------
-    # evaluate: the same validation windows for all three
-    if args.cache_teacher_topk:  # back from the checkpoint, for the comparison
+    # evaluate: the same validation windows for all, against the teacher
+    if args.cache_teacher_topk:  # offline KD freed the teacher's weights: back from its checkpoint
         teacher = models["teacher"] = get_teacher(args, tok, train_tokens, logger)
-    report = {}
-    for name, model in models.items():
-        report[name] = evaluate(model, val_batches, args.device, args.dtype, teacher=teacher)
-        report[name]["params"] = model.num_params()
-        report[name]["train_s"] = train_s.get(name)
-        report[name]["steps"] = train_steps.get(name)
-    if "baseline" in report:
-        l_t, l_s, l_b = (report[k]["val_loss"] for k in ("teacher", "student", "baseline"))
-        report["gap_closed"] = (l_b - l_s) / (l_b - l_t) if l_b != l_t else None
-    # Steps to match: the student's steps at its first evaluation (every --eval_interval) at or below a
-    # baseline's final val loss; None if it never got there.
-    student_curve = [(r["step"] + 1, r["val_loss"]) for r in logger.records
-                     if r["run"] == "student" and "val_loss" in r]
-    report["steps_to_match"] = {name: next((n for n, v in student_curve if v <= report[name]["val_loss"]), None)
-                                for name in ("baseline", "baseline_flops_matched") if name in report}
-    report["wall_s"] = time.perf_counter() - t_start
-    report["args"] = vars(args)
-
-    w = max(9, *map(len, models))  # the name column fits "baseline_flops_matched" when it is there
-    print(f"\n{'model':<{w}} {'params':>8} {'val loss':>9} {'val ppl':>8} {'top1 agr':>9} {'KL(T||m)':>9} "
-          f"{'fwd tok/s':>10}")
-    for name in models:
-        r = report[name]
-        print(f"{name:<{w}} {r['params'] / 1e6:>7.2f}M {r['val_loss']:>9.4f} {r['val_ppl']:>8.2f} "
-              f"{r['top1_agreement']:>9.3f} {r['kl_from_teacher']:>9.4f} {r['fwd_tok_s']:>10,.0f}")
-    if report.get("gap_closed") is not None:
-        print(f"share of the teacher gap closed by distillation: {report['gap_closed']:.1%} "
-              f"(baseline - student) / (baseline - teacher) in val loss")
-    for name, n in report["steps_to_match"].items():
-        print(f"steps to match {name} ({report[name]['val_loss']:.4f} after {train_steps[name]} steps): "
-              + (f"the student got there after {n} of its {args.steps} steps" if n else "the student never got there")
-              + f" (evaluated every {args.eval_interval})")
-
-    prompt = val_batches[0][0][:1, :16].to(args.device)  # the first 16 validation tokens
-    print(f"\nsamples (temperature 0.8, top-k 50) after the prompt {tok.decode(prompt[0].tolist())!r}:")
-    for name, model in models.items():
-        g = torch.Generator(device=args.device).manual_seed(args.seed)
-        ids = generate(model, prompt, args.sample_tokens, temperature=0.8, top_k=50, generator=g)
-        print(f"--- {name}: {tok.decode(ids[0, prompt.size(1):].tolist())!r}")
-
+    report = compare(models, teacher, val_batches, train_s, steps, logger.records, args.device, args.dtype)
+    report.update(wall_s=time.perf_counter() - t_start, args=vars(args))
+    # The report is written before anything is printed, so that nothing after training can lose it.
     report_path, plot_path = out_dir / "whitebox_report.json", out_dir / "whitebox_loss.svg"
     atomic_write_bytes(report_path, json.dumps(report, indent=2).encode())
-    plotted = write_loss_plot(plot_path, logger.records, "val_loss", "white-box distillation: validation loss",
-                              "validation loss (CE, nats/token)", level=report["teacher"]["val_loss"])
+    plotted = write_loss_plot(plot_path, logger.records, "val_loss", level=report["teacher"]["val_loss"])
+    print_report(report, models, tok, val_batches[0][0][:1, :16].to(args.device), args)  # 16 validation tokens
     print(f"\nreport -> {report_path}" + (f" | loss curves -> {plot_path}" if plotted else "")
           + f" | wall time {report['wall_s']:.0f} s")
 

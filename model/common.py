@@ -1,10 +1,11 @@
 """
-Small pieces every script needs: the one error type users see, atomic writes, a one-line argparse error,
-and device/dtype selection.
+Small pieces every other file needs: the one error type users see, a one-line argparse error, atomic
+writes, JSONL reading, device/dtype selection and autocast, and how a duration is printed.
 """
 
 import argparse
 import io
+import json
 import os
 import sys
 import tempfile
@@ -60,6 +61,24 @@ def atomic_torch_save(obj, path):
     atomic_write_bytes(path, buf.getvalue())
 
 
+def read_jsonl(path) -> list[tuple[int, dict]]:
+    """(line number, object) for each line of a JSONL file. An empty or malformed line is a UserError
+    naming the file and the line."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                raise UserError(f"{path}:{i}: empty line (JSONL needs one JSON object per line)")
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{i}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise UserError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
+            rows.append((i, obj))
+    return rows
+
+
 def pick_device(name: str) -> str:
     """'auto' picks cuda, then mps, then cpu; an explicit device that isn't there is a UserError."""
     if name == "auto":
@@ -89,3 +108,13 @@ def autocast(device: str, dtype: str):
         return nullcontext()
     return torch.autocast(device_type=device.split(":")[0],
                           dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
+
+
+def compiled(model, on: bool):
+    """torch.compile(model) if on, else the model itself. The compiled wrapper shares the model's weights, so
+    training, checkpoints and evaluation keep using the plain module."""
+    return torch.compile(model) if on else model
+
+
+def format_time(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"

@@ -3,8 +3,8 @@ Training text in, batches of token ids out.
 
 - Text comes from the embedded story world (model/world.py, generated from a seed) or from --data:
   a plain .txt file (documents separated by blank lines), minimind pretrain JSONL ({"text": ...}) or
-  minimind SFT JSONL ({"conversations": [{"role": ..., "content": ...}, ...]}), rendered with the chat
-  template below.
+  conversations (minimind SFT, ShareGPT or {"messages"} JSONL, model/chat.py), rendered with the chat
+  template.
 - Documents are tokenized, joined with an end-of-text token and split into a train stream and a held-out
   validation stream (the last val_fraction of tokens), so a validation split always exists. A
   conversation gets its control tokens from the template only (encode_message): a "<|im_end|>" inside a
@@ -15,102 +15,14 @@ Training text in, batches of token ids out.
   and a resumed run continues the same sequence.
 """
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from model.common import UserError
+from model.chat import encode_message, parse_conversation
+from model.common import UserError, read_jsonl
 from model.world import default_corpus
-
-
-def chat_text(messages: list[dict]) -> str:
-    """minimind's ChatML template: <|im_start|>role\\ncontent<|im_end|>\\n per message. An assistant
-    message's reasoning_content, if any, goes first between <think> and </think>."""
-    parts = []
-    for m in messages:
-        content = m["content"]
-        if m.get("reasoning_content"):
-            content = f"<think>\n{m['reasoning_content']}\n</think>\n{content}"
-        parts.append(f"<|im_start|>{m['role']}\n{content}<|im_end|>\n")
-    return "".join(parts)
-
-
-def split_think(content: str, reasoning: str | None = None) -> tuple[str, str | None]:
-    """Move a leading <think>...</think> block out of an answer into the reasoning, as minimind's r1 data
-    and some servers (e.g. Ollama with reasoning models) inline it. chat_text() puts it back as
-    <think>\nREASONING\n</think>\nANSWER, so the text the student trains on is the same either way."""
-    stripped = content.lstrip()
-    if stripped.startswith("<think>") and "</think>" in stripped:
-        inline, _, content = stripped[len("<think>"):].partition("</think>")
-        reasoning = reasoning or inline.strip()
-    return content.strip(), reasoning or None
-
-
-def chat_header(tok, role: str) -> list[int]:
-    """The ids of "<|im_start|>role\\n", a message's header in chat_text's template."""
-    tok.check_chat_tags()
-    return [tok.special["<|im_start|>"]] + tok.encode(f"{role}\n")
-
-
-def encode_message(tok, m: dict) -> tuple[list[int], list[int], list[int]]:
-    """chat_text([m]) as token ids, in the three parts that model.sft.encode_chat masks apart:
-        header  <|im_start|>role\\n
-        body    [<think>\\nREASONING\\n</think>\\n]CONTENT<|im_end|>
-        tail    \\n
-    The tags are tok.special ids, written by the template; role, reasoning and content are encoded as
-    plain text, so a literal "<|im_end|>" or "<think>" in a message is ordinary pieces and data cannot end
-    a turn or open a reasoning span. Without literal tags, these are the ids sentencepiece gives the
-    whole chat_text (a tag or a newline is always a piece of its own, so nothing merges across parts)."""
-    special, content = tok.special, m["content"]
-    body = []
-    if m.get("reasoning_content"):
-        body = [special["<think>"]] + tok.encode(f"\n{m['reasoning_content']}\n") + [special["</think>"]]
-        content = "\n" + content
-    body += tok.encode(content) + [special["<|im_end|>"]]
-    return chat_header(tok, m["role"]), body, tok.encode("\n")
-
-
-def document_text(doc) -> str:
-    """A document's text: itself, or a conversation rendered with chat_text."""
-    return doc if isinstance(doc, str) else chat_text(doc)
-
-
-def read_jsonl(path) -> list[tuple[int, dict]]:
-    """(line number, object) for each line of a JSONL file. An empty or malformed line is a UserError
-    naming the file and the line."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                raise UserError(f"{path}:{i}: empty line (JSONL needs one JSON object per line)")
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{i}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
-            rows.append((i, obj))
-    return rows
-
-
-def conversation(path, lineno: int, obj: dict) -> list[dict]:
-    """Check one SFT record's "conversations" list and return it. An answer that starts with an inline
-    <think>...</think> block (minimind's r1 files) gets it as reasoning_content, as model/teachers.py
-    does, so that the template writes its tags: in a message's text they would be plain text."""
-    conv = obj.get("conversations")
-    if not isinstance(conv, list) or not conv:
-        raise UserError(f'{path}:{lineno}: "conversations" must be a non-empty list')
-    out = []
-    for m in conv:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise UserError(f'{path}:{lineno}: each message needs string "role" and "content"')
-        if m["role"] == "assistant" and m["content"].lstrip().startswith("<think>"):
-            content, reasoning = split_think(m["content"], m.get("reasoning_content"))
-            m = {**m, "content": content, **({"reasoning_content": reasoning} if reasoning else {})}
-        out.append(m)
-    return out
 
 
 def load_documents(path) -> list:
@@ -126,10 +38,10 @@ def load_documents(path) -> list:
             for i, obj in read_jsonl(path):
                 if "text" in obj and isinstance(obj["text"], str):
                     docs.append(obj["text"])
-                elif "conversations" in obj:
-                    docs.append(conversation(path, i, obj))
+                elif "conversations" in obj or "messages" in obj:
+                    docs.append(parse_conversation(path, i, obj, need_answer=False))
                 else:
-                    raise UserError(f'{path}:{i}: expected a "text" string or a "conversations" list')
+                    raise UserError(f'{path}:{i}: expected a "text" string or a "conversations"/"messages" list')
         else:
             docs = path.read_text(encoding="utf-8").split("\n\n")
     except UnicodeDecodeError as e:

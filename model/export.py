@@ -18,7 +18,7 @@ import torch
 from model.common import ArgumentParser, UserError, atomic_write_bytes, run_main
 from model.hf import hf_config, to_hf_tensors, write_safetensors
 from model.tokenizer import SPECIAL_TOKENS, Tokenizer
-from model.train import load_checkpoint, model_from_checkpoint
+from model.checkpoint import load_checkpoint, model_from_checkpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # model.data.chat_text's ChatML template in Jinja, for tokenizer.apply_chat_template

@@ -80,11 +80,16 @@ def loss_svg(runs: dict, title: str, ylabel: str, level: float | None = None, le
     return "\n".join(out + ["</svg>"]) + "\n"
 
 
-def write_loss_plot(path, records, metric: str, title: str, ylabel: str, level: float | None = None) -> bool:
-    """Write loss_svg of the runs' logged metric to path (atomically); False, and nothing written, when no
-    run logged it (e.g. evaluation was off)."""
+# what the scripts log and plot: {metric: (title, y-axis label)}
+LABELS = {"val_loss": ("white-box distillation: validation loss", "validation loss (CE, nats/token)"),
+          "answer_ppl": ("black-box distillation: answer perplexity", "perplexity on held-out teacher answers")}
+
+
+def write_loss_plot(path, records, metric: str, level: float | None = None) -> bool:
+    """Write loss_svg of the runs' logged metric (a LABELS key) to path (atomically); False, and nothing
+    written, when no run logged it (e.g. a resumed run that had already finished)."""
     runs = curves(records, metric)
     if not runs:
         return False
-    atomic_write_bytes(path, loss_svg(runs, title, ylabel, level).encode())
+    atomic_write_bytes(path, loss_svg(runs, *LABELS[metric], level).encode())
     return True

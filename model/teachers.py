@@ -1,53 +1,105 @@
 """
-Black-box teachers: where the teacher's text comes from, and the cache it goes into.
-
-A black-box teacher is only text: prompts in, answers out. This file has
-- AnswerCache: an append-only JSONL file of teacher answers in minimind's SFT format, one record a line:
-    {"conversations": [{"role": "user", "content": PROMPT},
-                       {"role": "assistant", "content": ANSWER, "reasoning_content": REASONING (optional)}]}
-  Each record is written as one whole line, flushed and fsynced as it arrives, because generation is the
-  expensive part: a run killed mid-way loses at most the record in flight, and a rerun skips prompts that
-  already have their answers.
-- api_answers: answers from any OpenAI-compatible /v1/chat/completions server (Ollama, vLLM, llama.cpp
-  server, a hosted API) through urllib, with bounded concurrency, a timeout per request, and retries with
-  exponential backoff on 429/5xx/timeouts. The key comes from OPENAI_API_KEY and is only ever sent in the
-  Authorization header: never printed, never in an error message, never in the cache.
-- load_teacher_data: conversations another model already produced, read as they are from minimind SFT
-  JSONL, a ShareGPT-like export or OpenAI-style {"messages": [...]}.
-
-The local teacher (a checkpoint sampled with model.model.generate) lives in the training script; the
-other two sources are here.
+The teacher, in one place: the local teacher checkpoint (loaded, or pretrained when missing) and, for
+black-box distillation, the teacher's answers from one of three sources, as conversations to learn from:
+- the local teacher, a base model that never saw a chat template: it finishes a story sentence per
+  question (a cloze, model/world.py StoryQuestion), sampled with the KV cache (model/answer.py);
+- a file of answers another model already wrote (--teacher_data: minimind SFT, ShareGPT or messages
+  JSONL, model/chat.py);
+- any OpenAI-compatible server (--teacher_api; the HTTP client is model/api_client.py).
+The local and API answers go through AnswerCache, an append-only file, so a killed run resumes where it
+stopped and a second run asks for nothing again.
 """
 
-import http.client
 import json
 import os
-import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+import torch
+
+from model.answer import generate_answers
+from model.api_client import api_answers
+from model.checkpoint import load_checkpoint, model_from_checkpoint
+from model.chat import parse_conversation, qa_conversation, read_conversations, read_prompts, split_think
+from model.cli import TEACHER_FLAGS
 from model.common import UserError
-from model.data import read_jsonl, split_think
-from model.train import format_time
+from model.data import get_batch, tokenize_split
+from model.hf import load_folder
+from model.model import ModelConfig, Transformer
+from model.train import Logger, TrainConfig, ce_loss, train
 
 
-def cache_record(path, lineno: int, obj) -> tuple[str, dict]:
-    """Check one cache record; return (prompt, record). A record is a user turn then an assistant turn."""
-    conv = obj.get("conversations") if isinstance(obj, dict) else None
-    if (not isinstance(conv, list) or len(conv) != 2 or not all(isinstance(m, dict) for m in conv)
-            or conv[0].get("role") != "user" or conv[1].get("role") != "assistant"
-            or not isinstance(conv[0].get("content"), str) or not isinstance(conv[1].get("content"), str)):
+# ----------------------------------------------------------------------------------------------------------
+# the local teacher: loaded from --teacher, or pretrained with plain next-token CE when the default is missing
+
+def teacher_path(args) -> Path:
+    """The teacher checkpoint: --teacher, or by default <out_dir>/teacher.pt."""
+    return Path(args.teacher or Path(args.out_dir) / "teacher.pt")
+
+
+def get_teacher(args, tok, train_tokens, logger: Logger) -> Transformer:
+    """Load the teacher in eval mode with frozen weights: a checkpoint, or a Hugging Face Llama folder
+    (model/hf.py). If --teacher was not given and <out_dir>/teacher.pt is missing, pretrain one first and save it there; if it is there, it must have been
+    pretrained with this run's --teacher_* flags."""
+    path = teacher_path(args)
+    if args.teacher is None and not path.is_file():
+        print(f"no teacher at {path}: pretraining one ({args.teacher_layers} layers, C={args.teacher_dim}, "
+              f"{args.teacher_steps} steps); later runs reuse it")
+        torch.manual_seed(args.teacher_seed)
+        teacher = Transformer(ModelConfig(
+            vocab_size=tok.vocab_size, n_layer=args.teacher_layers, n_embd=args.teacher_dim,
+            n_head=args.teacher_heads, n_kv_head=args.teacher_kv_heads, max_seq_len=args.block_size)
+        ).to(args.device)
+        ckpt_tmp = path.with_name("teacher_pretrain.pt")  # holds resumable state until training ends
+
+        def teacher_batch(step):
+            return get_batch(train_tokens, step, args.batch_size, args.block_size, args.teacher_seed)
+
+        train(teacher, ce_loss(teacher), teacher_batch,
+              TrainConfig.from_args(args, steps=args.teacher_steps, lr=args.teacher_lr), name="teacher",
+              ckpt_path=ckpt_tmp, logger=logger, saved_args=args, tokenizer_sha256=tok.sha256)
+        ckpt_tmp.rename(path)
+    if path.is_dir():  # a Hugging Face Llama folder; tok is its tokenizer.model (model/tokenizer.py)
+        teacher = load_folder(path, tok).to(args.device).eval()
+    else:
+        ckpt = load_checkpoint(path, "--teacher")
+        if args.teacher is None:  # the cached default teacher must be the one these flags ask for
+            saved = ckpt.get("args", {})
+            diffs = [f"--{k} {saved.get(k)} (now {getattr(args, k)})" for k in TEACHER_FLAGS
+                     if saved.get(k) != getattr(args, k)]
+            if diffs:
+                raise UserError(f"{path} was pretrained with other settings: {', '.join(diffs)}; delete it to "
+                                f"pretrain a new one, use another --out_dir, or pass --teacher {path} to use it "
+                                f"as it is")
+        teacher = model_from_checkpoint(ckpt, path, "--teacher", tok).to(args.device).eval()
+    if teacher.config.max_seq_len < args.block_size:
+        raise UserError(f"--block_size {args.block_size} is longer than the teacher {path} was built for "
+                        f"({teacher.config.max_seq_len})")
+    teacher.requires_grad_(False)
+    return teacher
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the answer cache
+
+def cache_conversation(path, lineno: int, obj) -> list[dict]:
+    """One cache record, read with model.chat.parse_conversation and checked: a user turn, then an
+    assistant turn."""
+    conv = parse_conversation(path, lineno, obj, need_answer=False) if isinstance(obj, dict) else None
+    if conv is None or [m["role"] for m in conv] != ["user", "assistant"]:
         raise UserError(f'{path}:{lineno}: not a teacher-answer record (expected {{"conversations": '
                         f'[{{"role": "user", "content": ...}}, {{"role": "assistant", "content": ...}}]}})')
-    return conv[0]["content"], obj
+    return conv
 
 
 class AnswerCache:
-    """An append-only JSONL cache of teacher answers (format in the module docstring).
+    """An append-only JSONL file of teacher answers in minimind's SFT format, one record a line:
+        {"conversations": [{"role": "user", "content": PROMPT},
+                           {"role": "assistant", "content": ANSWER, "reasoning_content": REASONING (optional)}]}
+    Each record is written as one whole line, flushed and fsynced as it arrives, because generation is the
+    expensive part: a run killed mid-way loses at most the record in flight, and a rerun skips prompts that
+    already have their answers. The cache records prompts and answers, not who wrote them.
 
     Opening it repairs what a killed run can leave behind: a last line that does not parse (a write cut
     off mid-way) is cut off, with one printed line saying so. A bad line anywhere else is not something a
@@ -57,7 +109,7 @@ class AnswerCache:
     def __init__(self, path, log=print):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._records = []        # all records in file order
+        self._conversations = []  # every record's [user, assistant] turns, in file order
         self._counts = Counter()  # prompt -> number of cached answers
         if self.path.exists():
             self._load(log)
@@ -71,7 +123,7 @@ class AnswerCache:
         for i, line in enumerate(lines, start=1):
             last = i == len(lines)
             try:
-                prompt, record = cache_record(self.path, i, json.loads(line.decode("utf-8")))
+                conv = cache_conversation(self.path, i, json.loads(line.decode("utf-8")))
             except (UnicodeDecodeError, json.JSONDecodeError, UserError) as e:
                 if not last:
                     reason = e if isinstance(e, UserError) else f"{self.path}:{i}: malformed JSON"
@@ -82,14 +134,14 @@ class AnswerCache:
                     f.truncate(offset)
                     os.fsync(f.fileno())
                 log(f"{self.path}: cut off a torn last line {i} ({len(line)} bytes, from a run killed "
-                    f"mid-write); {len(self._records)} records kept")
+                    f"mid-write); {len(self._conversations)} records kept")
                 return
             if last and not data.endswith(b"\n"):
                 # A complete record that only lacks its newline (e.g. edited by hand): keep it, end the line.
                 with open(self.path, "ab") as f:
                     f.write(b"\n")
-            self._records.append(record)
-            self._counts[prompt] += 1
+            self._conversations.append(conv)
+            self._counts[conv[0]["content"]] += 1
             offset += len(line) + 1
 
     def count(self, prompt: str) -> int:
@@ -108,234 +160,131 @@ class AnswerCache:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
-        self._records.append(record)
+        self._conversations.append(record["conversations"])
         self._counts[prompt] += 1
 
-    def records(self) -> list[dict]:
-        """All cached records, in file order."""
-        return list(self._records)
+    def conversations(self) -> list[list[dict]]:
+        """Every cached record's [user turn, assistant turn], in file order."""
+        return list(self._conversations)
 
     def __len__(self):
-        return len(self._records)
+        return len(self._conversations)
 
 
-# ----------------------------------------------------------------------------
-# Answers another model already produced (--teacher_data)
+def local_answers(teacher, tok, prompts: list[str], cache, *, n_samples: int, temperature: float, top_p: float,
+                  max_new_tokens: int, batch_size: int, device: str, dtype: str, seed: int, cloze=None,
+                  log=print) -> int:
+    """Sample n_samples answers per prompt from a local teacher into an AnswerCache,
+    through the chat template or, for a base model, a cloze (model/answer.py generate_answers). Prompts that already
+    have n_samples records are skipped, so a killed run resumes where it stopped; each batch's answers are
+    appended (and flushed) as soon as they exist. Returns the number of records written."""
+    todo = []
+    for p in dict.fromkeys(prompts):  # unique, in order
+        todo += [p] * max(0, n_samples - cache.count(p))
+    if len(todo) < len(prompts) * n_samples:
+        log(f"cache: {len(prompts) * n_samples - len(todo)} of {len(prompts) * n_samples} answers already "
+            f"there, {len(todo)} to generate")
+    if not todo:
+        return 0
+    written = 0
 
-# ShareGPT speaker names -> chat roles. Exports differ: some say human/gpt, some user/assistant.
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "chatgpt": "assistant", "system": "system"}
+    def write(idx, answers):
+        nonlocal written
+        for i, text in zip(idx, answers):
+            answer, reasoning = split_think(text)
+            cache.append(todo[i], answer, reasoning)
+        written += len(idx)
 
-
-def message_text(path, lineno: int, content) -> str:
-    """A message's text: a string, or OpenAI's list of {"type": "text", "text": ...} parts."""
-    if isinstance(content, list) and all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
-    if not isinstance(content, str):
-        raise UserError(f"{path}:{lineno}: a message's content must be a string, got {type(content).__name__}")
-    return content
-
-
-def normalise_conversation(path, lineno: int, obj: dict) -> list[dict]:
-    """One JSONL record (any supported format) -> [{"role", "content", "reasoning_content"?}, ...]."""
-    turns = obj.get("conversations", obj.get("messages"))
-    if not isinstance(turns, list) or not turns or not all(isinstance(m, dict) for m in turns):
-        raise UserError(f'{path}:{lineno}: expected a non-empty "conversations" or "messages" list of objects')
-    conv = []
-    for m in turns:
-        if "from" in m:  # ShareGPT
-            role, content = SHAREGPT_ROLES.get(m["from"]), m.get("value")
-            if role is None:
-                raise UserError(f'{path}:{lineno}: unknown ShareGPT speaker "from": {m["from"]!r} '
-                                f"(expected one of {', '.join(SHAREGPT_ROLES)})")
-        else:            # minimind SFT / OpenAI messages
-            role, content = m.get("role"), m.get("content")
-            if not isinstance(role, str) or not role:
-                raise UserError(f'{path}:{lineno}: each message needs a string "role" (or ShareGPT "from")')
-        reasoning = m.get("reasoning_content", m.get("reasoning"))
-        msg = {"role": role, "content": message_text(path, lineno, content)}
-        if role == "assistant":
-            msg["content"], reasoning = split_think(msg["content"],
-                                                    reasoning if isinstance(reasoning, str) else None)
-            if reasoning:
-                msg["reasoning_content"] = reasoning
-        conv.append(msg)
-    if not any(a["role"] == "user" and b["role"] == "assistant" for a, b in zip(conv, conv[1:])):
-        raise UserError(f"{path}:{lineno}: no user turn followed by an assistant turn (nothing to learn from)")
-    return conv
+    g = torch.Generator(device=device).manual_seed(seed)
+    generate_answers(teacher, tok, todo, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                     batch_size=batch_size, device=device, dtype=dtype, generator=g, cloze=cloze, on_batch=write)
+    return written
 
 
-def load_teacher_data(path) -> list[list[dict]]:
-    """Conversations from a JSONL file of teacher answers, normalised to
-    [{"role": "user"|"assistant"|"system", "content": str, "reasoning_content"?: str}, ...] per record
-    (other roles, e.g. minimind's "tool", are kept as they are; the chat template renders any role).
-    Formats: minimind SFT {"conversations": [{"role", "content", "reasoning_content"?}]}, ShareGPT
-    {"conversations": [{"from": "human"|"gpt"|"system", "value"}]}, OpenAI-style {"messages": [...]}.
-    Any bad line is a UserError naming the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--teacher_data {path}: no such file")
-    try:
-        rows = read_jsonl(path)
-    except UnicodeDecodeError as e:
-        raise UserError(f"--teacher_data {path}: not UTF-8 text (byte {e.start})") from None
-    if not rows:
-        raise UserError(f"--teacher_data {path}: the file is empty")
-    return [normalise_conversation(path, i, obj) for i, obj in rows]
+# ----------------------------------------------------------------------------------------------------------
+# the teacher's answers, from whichever source the flags name
+
+def add_answer_args(parser):
+    """The flags teacher_answers reads: which source, and how the teacher answers."""
+    parser.add_argument("--teacher_data", default=None,
+                        help="JSONL of answers another model wrote (minimind SFT, ShareGPT or messages format)")
+    parser.add_argument("--teacher_api", default=None,
+                        help="URL of an OpenAI-compatible server, e.g. http://localhost:11434 (key: OPENAI_API_KEY)")
+    parser.add_argument("--teacher_model", default=None, help="model name to ask the --teacher_api server for")
+    parser.add_argument("--prompts", default=None,
+                        help="--teacher_api prompts: .txt (one a line) or JSONL ({'prompt'} or conversations); "
+                             "default: the embedded questions")
+    parser.add_argument("--cache", default=None, help="teacher-answer cache; default <out_dir>/teacher_answers.jsonl")
+    parser.add_argument("--n_samples", type=int, default=1, help="teacher answers per prompt")
+    parser.add_argument("--temperature", type=float, default=0.0, help="teacher sampling temperature (0 = greedy)")
+    parser.add_argument("--top_p", type=float, default=1.0, help="teacher nucleus sampling threshold")
+    parser.add_argument("--max_new_tokens", type=int, default=32, help="longest answer a model may write")
+    parser.add_argument("--api_concurrency", type=int, default=4, help="--teacher_api requests in flight at once")
+    parser.add_argument("--api_timeout", type=float, default=60.0, help="--teacher_api seconds per request")
+    parser.add_argument("--api_retries", type=int, default=4, help="--teacher_api retries on 429/5xx/timeouts")
+    parser.add_argument("--gen_batch_size", type=int, default=64, help="prompts answered at once by a local model")
 
 
-# ----------------------------------------------------------------------------
-# An OpenAI-compatible server (--teacher_api)
-
-MAX_BACKOFF_S = 30.0      # cap on the exponential backoff between retries
-MAX_RETRY_AFTER_S = 60.0  # cap on a server's Retry-After, so a bad header cannot park the run for hours
-LOG_EVERY = 10            # one progress line per this many answers
-
-
-class Retryable(Exception):
-    """A failure worth retrying (429, 5xx, timeout, connection error), with the server's Retry-After if any."""
-
-    def __init__(self, reason: str, retry_after: float | None = None):
-        super().__init__(reason)
-        self.retry_after = retry_after
-
-
-def chat_completions_url(url: str) -> str:
-    """Accept a base URL (http://localhost:11434), one ending in /v1, or the full endpoint."""
-    if not url.startswith(("http://", "https://")):
-        raise UserError(f"--teacher_api {url}: expected an http:// or https:// URL")
-    url = url.rstrip("/")
-    if url.endswith("/chat/completions"):
-        return url
-    return url + ("/chat/completions" if url.endswith("/v1") else "/v1/chat/completions")
+def check_answer_args(parser, args):
+    """One-line errors for answer flags that do not go together."""
+    for flag in ("n_samples", "max_new_tokens", "gen_batch_size"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        parser.error("need --temperature >= 0 and 0 < --top_p <= 1")
+    if args.teacher_data and args.teacher_api:
+        parser.error("--teacher_data and --teacher_api are two different teachers: give one")
+    if args.teacher_api and not args.teacher_model:
+        parser.error("--teacher_api needs --teacher_model (the model name the server serves)")
+    if args.prompts and not args.teacher_api:
+        parser.error("--prompts is for --teacher_api (the local teacher answers the embedded questions)")
 
 
-def retry_after_seconds(headers) -> float | None:
-    """A Retry-After header in seconds (the HTTP-date form is rare for APIs and is ignored)."""
-    try:
-        return min(max(float(headers.get("Retry-After")), 0.0), MAX_RETRY_AFTER_S)
-    except (TypeError, ValueError):
-        return None
-
-
-def redact(text: str, secret: str | None) -> str:
-    """Remove the key from text that came back from the server (some servers echo what they were sent)."""
-    return text.replace(secret, "***") if secret else text
-
-
-def post_json(endpoint: str, body: dict, headers: dict, timeout: float) -> bytes:
-    """POST body as JSON and return the raw reply. Raises Retryable for failures worth retrying and
-    ValueError (the server's short explanation) for other HTTP errors, such as 401 or 404."""
-    req = urllib.request.Request(endpoint, data=json.dumps(body).encode("utf-8"), headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.read()
-    except urllib.error.HTTPError as e:
-        status = f"HTTP {e.code} {e.reason}"
-        if e.code == 429 or e.code >= 500:
-            raise Retryable(status, retry_after_seconds(e.headers) if e.code == 429 else None) from None
-        detail = e.read(300).decode("utf-8", errors="replace").strip()
-        raise ValueError(f"{status}: {detail}" if detail else status) from None
-    except (TimeoutError, urllib.error.URLError, OSError, http.client.HTTPException) as e:
-        reason = getattr(e, "reason", e)  # URLError wraps the socket error
-        if isinstance(reason, TimeoutError):
-            raise Retryable(f"timed out after {timeout:g}s") from None
-        raise Retryable(f"{type(reason).__name__}: {reason}") from None
-
-
-def parse_reply(raw: bytes) -> tuple[str, str | None]:
-    """(answer, reasoning or None) from a chat-completions reply; ValueError with a short reason if the
-    body is not one. The reasoning is the reply's reasoning_content or reasoning field (vLLM, DeepSeek,
-    Ollama), or a leading <think>...</think> inlined in the content."""
-    try:
-        obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ValueError(f"not JSON: {raw[:80]!r}") from None
-    choices = obj.get("choices") if isinstance(obj, dict) else None
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        error = obj.get("error") if isinstance(obj, dict) else None
-        raise ValueError(f"no choices (error: {str(error)[:120]})" if error else "no choices")
-    msg = choices[0].get("message")
-    content = msg.get("content") if isinstance(msg, dict) else None
-    if not isinstance(content, str):
-        # A reasoning model cut off by max_tokens can reply with content null and only reasoning.
-        raise ValueError(f"message content is {type(content).__name__}, not a string "
-                         f"(finish_reason {choices[0].get('finish_reason')!r})")
-    reasoning = msg.get("reasoning_content") or msg.get("reasoning")
-    return split_think(content, reasoning if isinstance(reasoning, str) else None)
-
-
-def api_answers(prompts: list[str], cache: AnswerCache, *, url: str, model: str, n_samples: int,
-                temperature: float, top_p: float, max_tokens: int, concurrency: int, timeout: float,
-                retries: int, log=print, backoff: float = 1.0) -> None:
-    """Ask an OpenAI-compatible server for the answers not yet cached: n_samples per prompt, as separate
-    requests (some servers ignore "n"), `concurrency` at a time, each answer appended to the cache as it
-    arrives. A failed request is retried up to `retries` times, waiting backoff * 2^attempt seconds (capped)
-    or the server's Retry-After. On a fatal error the requests in flight finish and are cached, no new ones
-    start, and a UserError names the URL; a rerun then asks only for what is missing."""
-    if concurrency < 1:
-        raise UserError(f"--api_concurrency {concurrency}: must be at least 1")
-    endpoint = chat_completions_url(url)
-    key = os.environ.get("OPENAI_API_KEY")
-    headers = {"Content-Type": "application/json"}
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-
-    # One job per missing answer; a prompt is named by its 1-based position in `prompts` in messages.
-    jobs, seen = [], set()
-    for i, prompt in enumerate(prompts, start=1):
-        if prompt not in seen:
-            seen.add(prompt)
-            jobs += [(i, prompt)] * max(0, n_samples - cache.count(prompt))
-    log(f"teacher api {endpoint} ({model}): {len(jobs)} answers to request, "
-        f"{len(seen) * n_samples - len(jobs)} already cached, {concurrency} at a time")
-    if not jobs:
-        return
-
-    lock = threading.Lock()    # one writer at a time, so cache lines never interleave
-    stop = threading.Event()   # set on a fatal error: no new requests, and retry waits end early
-
-    def fail(why: str):
-        raise UserError(f"--teacher_api {url}: {redact(why, key)}")
-
-    def ask(i: int, prompt: str):
-        body = {"model": model, "messages": [{"role": "user", "content": prompt}], "temperature": temperature,
-                "top_p": top_p, "max_tokens": max_tokens, "n": 1}
-        for attempt in range(retries + 1):
-            if stop.is_set():
-                return
-            try:
-                raw = post_json(endpoint, body, headers, timeout)
-            except Retryable as e:
-                if attempt == retries:
-                    fail(f"prompt {i} failed after {retries + 1} attempts, last error: {e}")
-                wait = e.retry_after if e.retry_after is not None else min(backoff * 2 ** attempt, MAX_BACKOFF_S)
-                log(f"teacher api: prompt {i}: {e}; retry {attempt + 1}/{retries} in {wait:.1f}s")
-                stop.wait(wait)
-                continue
-            except ValueError as e:
-                fail(f"prompt {i}: {e}")
-            try:
-                answer, reasoning = parse_reply(raw)
-            except ValueError as e:
-                fail(f"malformed reply for prompt {i}: {e}")
-            with lock:
-                cache.append(prompt, answer, reasoning)
-            return
-
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        futures = [pool.submit(ask, i, prompt) for i, prompt in jobs]
-        try:
-            for done, future in enumerate(as_completed(futures), start=1):
-                future.result()
-                if done % LOG_EVERY == 0 or done == len(jobs):
-                    rate = done / (time.perf_counter() - t0)
-                    log(f"teacher api {done:5d}/{len(jobs)} answers | {rate:.2f} answers/s "
-                        f"| eta {format_time((len(jobs) - done) / rate)}")
-        except BaseException:
-            # Leaving the with-block waits for the requests in flight; their answers are still cached.
-            stop.set()
-            for future in futures:
-                future.cancel()
-            raise
+def teacher_answers(args, tok, docs, questions: list, logger: Logger):
+    """The teacher's answers as conversations, from the source the black-box script's flags name. Returns
+    (conversations, source, teacher): source names it in the report; teacher is the local model (scored
+    like the students) or None.
+    - --teacher_data FILE: the file's conversations, as they are;
+    - --teacher_api URL: the server's answers to --prompts (default: the questions) through the cache;
+    - otherwise the local teacher (get_teacher; docs are its pretraining text if it is missing) answers
+      the questions (model/world.py StoryQuestion) through the cache: it finishes each one's story
+      sentence, and the fact in that sentence becomes the answer ("Mia lives in Greenhill.").
+    The cache (--cache, default <out_dir>/teacher_answers.jsonl) may hold answers to other prompts: only
+    this run's prompts' are taken, --n_samples each, in the cache's order."""
+    if args.teacher_data:
+        conversations = read_conversations(args.teacher_data, "--teacher_data")
+        print(f"teacher data {args.teacher_data}: {len(conversations)} conversations")
+        return conversations, f"data:{args.teacher_data}", None
+    cache = AnswerCache(args.cache or Path(args.out_dir) / "teacher_answers.jsonl")
+    asks, teacher = {q.question: q for q in questions}, None
+    prompts = list(asks)
+    if args.teacher_api:
+        source = f"api:{args.teacher_api} model {args.teacher_model}"
+        prompts = read_prompts(args.prompts) if args.prompts else prompts
+        api_answers(prompts, cache, url=args.teacher_api, model=args.teacher_model, n_samples=args.n_samples,
+                    temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_new_tokens,
+                    concurrency=args.api_concurrency, timeout=args.api_timeout, retries=args.api_retries)
+    else:
+        train_tokens, _ = tokenize_split(docs, tok, args.block_size, args.val_fraction)
+        teacher, path = get_teacher(args, tok, train_tokens, logger), teacher_path(args)
+        source = f"local:{path}"
+        if len(cache) and cache.path.stat().st_mtime < path.stat().st_mtime:
+            # The cache records prompts and answers, not who wrote them: answers from an earlier teacher
+            # (or an earlier cloze) would be reused as they are.
+            print(f"note: {cache.path} holds {len(cache)} answers written before {path} was: they may "
+                  f"come from an earlier teacher and are reused as they are; delete it to regenerate them")
+        t0 = time.perf_counter()
+        n_new = local_answers(teacher, tok, prompts, cache, n_samples=args.n_samples,
+                              temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                              batch_size=args.gen_batch_size, device=args.device, dtype=args.dtype,
+                              seed=args.seed, cloze=lambda p: asks[p].cloze())
+        print(f"teacher answers: {n_new} new in {time.perf_counter() - t0:.1f} s -> {cache.path}")
+    wanted, conversations = {p: args.n_samples for p in prompts}, []
+    for conv in cache.conversations():
+        prompt, sentence = (m["content"] for m in conv)
+        if wanted.get(prompt, 0) > 0:
+            wanted[prompt] -= 1
+            # A cloze sentence states the fact in a story's words: the student learns it as the answer.
+            conversations.append(qa_conversation(prompt, asks[prompt].rewrite(sentence)) if teacher is not None
+                                 else conv)
+    return conversations, source, teacher

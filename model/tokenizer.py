@@ -9,7 +9,7 @@ A sentencepiece BPE tokenizer trained on the training corpus, shared by the teac
 - The chat tags are user-defined symbols, so each is always exactly one piece, whatever the text around it.
   Sentencepiece matches them in any text it encodes, so encode() breaks a literal tag in plain text into
   ordinary pieces: a "<|im_end|>" typed in a message (or written by a teacher) cannot end a turn. Only the
-  chat template (model/data.py) writes the tags, as their ids, or markup that asks for them (allow_special).
+  chat template (model/chat.py) writes the tags, as their ids, or markup that asks for them (allow_special).
 """
 
 import hashlib
@@ -20,7 +20,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from model.common import UserError, atomic_write_bytes
-from model.data import document_text
+from model.chat import chat_text
 
 SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 SPECIAL_RE = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
@@ -99,7 +99,7 @@ def get_tokenizer(out_dir, docs, vocab_size: int, teacher=None) -> Tokenizer:
     if path.is_file():
         return Tokenizer(path)
     print(f"training a {vocab_size}-piece BPE tokenizer -> {path}")
-    return train_tokenizer(map(document_text, docs), path, vocab_size)
+    return train_tokenizer((d if isinstance(d, str) else chat_text(d) for d in docs), path, vocab_size)
 
 
 def folder_tokenizer(folder: Path, path: Path) -> Tokenizer:

@@ -10,8 +10,12 @@ Nothing is downloaded. `build_world(seed)` invents 80 characters, and each one g
    token that happened to be sampled. That extra information is what logit distillation transfers.
 2. Consistent facts. Every story states several facts about its characters, and a fact is always the same:
    if Mia lives in Greenhill, no story puts her home anywhere else. A small model memorises these in a few
-   minutes of training, and `generate_qa` turns them into closed-book questions with one-word answers. The
-   black-box distillation script checks those answers exactly.
+   minutes of training.
+
+The facts also make a task whose answers can be checked, the black-box script's: `story_qa` asks closed-book
+questions about every character ("Where does Mia live?"), split by character into labelled and held-out ones.
+An answer is a sentence ("Mia lives in Greenhill."), and it is right when the fact it states, read back in
+any of the stories' words (`stated_fact`), is the character's true one.
 
 The stories also depend on earlier text, so a model has to look back. Pronouns agree with the character. An
 object or place that is introduced early comes back later. The friend who helps is the hero's real best friend.
@@ -271,18 +275,47 @@ def generate_stories(world: World, n_stories: int, seed: int) -> list[str]:
     return list(itertools.islice(_iter_stories(world, seed), n_stories))
 
 
-QUESTIONS = (  # (question template, Character field that holds the answer)
-    ("What kind of pet does {name} have?", "pet"),
-    ("What is the name of {name}'s {pet}?", "pet_name"),
-    ("Where does {name} live?", "home"),
-    ("Which town does {name} live in?", "home"),
-    ("What is {name}'s favourite colour?", "color"),
-    ("Who is {name}'s best friend?", "friend"),
-    ("What food does {name} love?", "food"),
-    ("What is {name}'s favourite food?", "food"),
-    ("What is {name}'s job?", "job"),
-)
+def default_corpus(seed: int, n_chars: int) -> list[str]:
+    """Stories about build_world(seed) until their total length (without separators) reaches n_chars.
+    The result is a prefix of generate_stories(build_world(seed), n, seed)."""
+    stories, total = [], 0
+    for story in _iter_stories(build_world(seed), seed):
+        if total >= n_chars:
+            break
+        stories.append(story)
+        total += len(story)
+    return stories
 
+
+# ----------------------------------------------------------------------------------------------------------
+# the checkable task: closed-book questions about the characters' facts
+
+# (question, the Character field it asks for, the answer sentence). An answer is a whole sentence phrased the
+# way the stories state the fact, so the story-pretrained teacher can answer in words it has read many times (a
+# bare "Greenhill" right after the chat header is tokenized unlike " Greenhill" in running text, which the
+# teacher never saw). {v} is the fact, {a_v} the fact with its article; {pet} is the pet kind the pet-name
+# question names.
+QUESTIONS = (
+    ("What kind of pet does {name} have?", "pet", "{name} has {a_v}."),
+    ("What is the name of {name}'s {pet}?", "pet_name", "{name}'s {pet} is called {v}."),
+    ("Where does {name} live?", "home", "{name} lives in {v}."),
+    ("Which town does {name} live in?", "home", "{name} lives in {v}."),
+    ("What is {name}'s favourite colour?", "color", "{name}'s favourite colour is {v}."),
+    ("Who is {name}'s best friend?", "friend", "{name}'s best friend is {v}."),
+    ("What food does {name} love?", "food", "{name} loves {v}."),
+    ("What is {name}'s favourite food?", "food", "{name}'s favourite food is {v}."),
+    ("What is {name}'s job?", "job", "{name} is {a_v}."),
+)
+# How a base teacher is asked each fact: the start of one of the stories' own sentences for it (FACTS), which
+# the teacher finishes, after the stories' opening "This is a story about Mia. ". Of each fact's sentence forms,
+# one that the stories always finish with that fact and that the 700-step teacher finished best (greedy, 80
+# characters): "Mia lives in" often goes on "the town of", so "Mia's home is in"; "Mia has" always goes on "a
+# dog called Biscuit", and the pet-name question names the kind.
+CLOZES = {"pet": "{name} has", "pet_name": "{name} has {a_pet} called", "home": "{name}'s home is in",
+          "color": "{name}'s favourite colour is", "friend": "{name}'s best friend is", "food": "{name} loves",
+          "job": "{name} is"}
+FACT_NAMES = {"pet": "pet", "pet_name": "pet name", "home": "home", "color": "colour", "friend": "friend",
+              "food": "food", "job": "job"}  # how the report's table names them
 
 # How a sentence states each of a named character's facts, for reading a fact back out of a model's answer:
 # the stories' name-first sentence forms (FACTS and FRIEND_ARRIVES above), with the fact as the one group.
@@ -307,20 +340,69 @@ def stated_fact(field: str, name: str, text: str) -> str | None:
     return min(found, key=lambda m: m.start()).group(1) if found else None
 
 
-def generate_qa(world: World) -> list[tuple[str, str]]:
-    """Closed-book (question, answer) pairs about every character's facts. Each answer is one word, spelled
-    exactly as the stories spell it, so it can be checked by string match."""
-    return [(q.format(name=c.name, pet=c.pet), getattr(c, field))
-            for c in world.characters.values() for q, field in QUESTIONS]
+@dataclass(frozen=True)
+class StoryQuestion:
+    """One question of the task: one fact of one character. It knows how to ask a base teacher for the fact,
+    how to turn the sentence the teacher writes into the answer, and how to check any answer."""
+    question: str  # "Where does Mia live?"
+    name: str      # the character asked about, "Mia"
+    field: str     # the fact, a Character field: "home"
+    value: str     # its true value, "Greenhill": answers are scored against it, never made from it
+    pet: str       # the pet kind: the pet-name question names it ("What is the name of Mia's dog?")
+    template: str  # the answer sentence, from QUESTIONS
+
+    def answer(self, value: str) -> str:
+        """The answer sentence that states value as the fact: "Mia lives in Greenhill."."""
+        return self.template.format(name=self.name, pet=self.pet, v=value, a_v=article(value))
+
+    def true_answer(self) -> str:
+        return self.answer(self.value)
+
+    def cloze(self) -> tuple[str, str, str]:
+        """(context, prefix, avoid) for model.answer.generate_answers: the stories' opening "This is a story
+        about Mia. ", the start of the fact's sentence, and the character's own name, which the sentence may
+        not go on with. The own name is never the fact, but asked "Mia's best friend is", the 700-step
+        teacher puts 0.54 on " Mia" and 0.37 on the true friend: each story about one of two friends names
+        both, and states the other's friendship too ("Tom's best friend is Mia")."""
+        prefix = CLOZES[self.field].format(name=self.name, a_pet=article(self.pet))
+        return f"This is a story about {self.name}. ", prefix, self.name
+
+    def rewrite(self, sentence: str) -> str:
+        """A base teacher's sentence as the answer to the question: the fact it states (stated_fact) in the
+        answer sentence, "Mia has a dog called Biscuit." -> "Mia has a dog."; a sentence that states none
+        stays as it was written."""
+        value = stated_fact(self.field, self.name, sentence)
+        return sentence if value is None else self.answer(value)
+
+    def is_right(self, answer: str) -> bool:
+        """Whether the answer states the true fact about this character, in any of the stories' words
+        ("Mia lives in the town of Greenhill." counts; the same town for another character does not)."""
+        value = stated_fact(self.field, self.name, answer)
+        return value is not None and value.lower() == self.value.lower()
 
 
-def default_corpus(seed: int, n_chars: int) -> list[str]:
-    """Stories about build_world(seed) until their total length (without separators) reaches n_chars.
-    The result is a prefix of generate_stories(build_world(seed), n, seed)."""
-    stories, total = [], 0
-    for story in _iter_stories(build_world(seed), seed):
-        if total >= n_chars:
-            break
-        stories.append(story)
-        total += len(story)
-    return stories
+def story_qa(data_seed: int, heldout_fraction: float) -> tuple[list[StoryQuestion], list[StoryQuestion]]:
+    """The task about build_world(data_seed): every QUESTIONS row for every character, split BY CHARACTER
+    into (labelled, held-out) questions, deterministically: round(80 * heldout_fraction) characters are
+    held out with all their questions, so a held-out character's facts are never asked in training."""
+    world = build_world(data_seed)
+    names = list(world.characters)
+    random.Random(data_seed).shuffle(names)
+    heldout_names = set(names[:round(len(names) * heldout_fraction)])
+    labelled, heldout = [], []
+    for c in world.characters.values():
+        for question, field, template in QUESTIONS:
+            q = StoryQuestion(question.format(name=c.name, pet=c.pet), c.name, field, getattr(c, field), c.pet,
+                              template)
+            (heldout if c.name in heldout_names else labelled).append(q)
+    return labelled, heldout
+
+
+def fact_accuracy(questions: list[StoryQuestion], answers: list[str]) -> dict:
+    """The share of answers that are right (StoryQuestion.is_right): {"all": share, field: share, ...} for
+    every field in CLOZES; None where there are no questions."""
+    hits = {field: [] for field in CLOZES}
+    for q, answer in zip(questions, answers):
+        hits[q.field].append(q.is_right(answer))
+    shares = {field: sum(h) / len(h) if h else None for field, h in hits.items()}
+    return {"all": sum(map(sum, hits.values())) / len(questions) if questions else None, **shares}

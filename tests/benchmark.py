@@ -40,12 +40,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.checkpoint import load_checkpoint, model_from_checkpoint
 from model.common import atomic_write_bytes, autocast, pick_device
 from model.losses import cross_entropy, hidden_loss, kd_loss, layer_map, topk_kd_loss
 from model.model import ModelConfig, Transformer
 from model.topk_cache import reconstruction_kl, teacher_topk
 from model.tokenizer import Tokenizer
-from model.train import load_checkpoint, make_optimizer, model_from_checkpoint
+from model.train import make_optimizer
 from model.world import default_corpus
 
 # The default pair is train_distill_whitebox.py's defaults (student --n_layer 2 --n_embd 128 --n_head 4

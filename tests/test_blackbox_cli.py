@@ -1,22 +1,18 @@
 """End-to-end runs of train_distill_blackbox.py as a user would type them, with tiny flags: the default
-local-teacher flow and its report, reuse of the cache and the chat-tuned teacher, a --teacher_data file in
-minimind's SFT format (also one whose prompts are longer than --block_size), and one-line errors for bad
-input; in-process, the split of the story questions by character, the cloze each fact is asked with, the
-teacher's sentence turned into the answer, and the per-fact scoring. Run: python -m pytest tests/test_blackbox_cli.py"""
+local-teacher flow and its report, reuse of the answer cache (and a note when it is older than the
+teacher), a --teacher_data file in minimind's SFT format (also one whose prompts are longer than
+--block_size), and one-line errors for bad input. Run: python -m pytest tests/test_blackbox_cli.py"""
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
-from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
 
 import train_distill_blackbox as blackbox
-from model.world import N_CHARACTERS, build_world, default_corpus, stated_fact
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--n_chars", "60000", "--vocab_size", "320", "--teacher_layers", "2", "--teacher_dim", "32",
@@ -95,16 +91,6 @@ def test_answers_older_than_the_teacher_get_a_note(first_run, tmp_path):
     assert f"note: {answers} holds 720 answers written before {tmp_path / 'teacher.pt'} was" in r.stdout
 
 
-def test_chat_tuned_teacher(first_run, tmp_path):
-    out, _ = first_run
-    cache = tmp_path / "chat_answers.jsonl"
-    r = run(*TINY, "--out_dir", str(out), "--teacher_chat_steps", "3", "--cache", str(cache), "--no_baseline")
-    assert r.returncode == 0, r.stderr
-    assert (out / "teacher_chat.pt").is_file() and len(cache.read_text().splitlines()) == 720
-    log = [json.loads(line) for line in (out / "blackbox_log.jsonl").read_text().splitlines()]
-    assert "teacher_chat" in {rec["run"] for rec in log}
-
-
 def minimind_file(path, n=12):
     """A small SFT file in minimind's format, half of it with reasoning."""
     with open(path, "w", encoding="utf-8") as f:
@@ -181,84 +167,3 @@ def test_bad_inputs_give_one_line_errors(first_run, tmp_path, one_line_error, pa
     one_line_error(parse_in_process(blackbox, "--steps", "0"), "--steps")
     one_line_error(parse_in_process(blackbox, "--heldout_fraction", "0.001"), "--heldout_fraction", "holds out 0")
     one_line_error(parse_in_process(blackbox, "--n_show", "-1"), "--n_show")
-
-
-def question_names(qa, world):
-    """The characters each question is about (the capitalised words that are character names)."""
-    return [{w for w in re.findall(r"[A-Z][a-z]+", q) if w in world.characters} for q, _ in qa]
-
-
-@pytest.mark.parametrize("fraction", [0.2, 0.32])
-def test_story_qa_holds_out_whole_characters(fraction):
-    """No held-out character is asked about in the labelled set (the baseline's training data), and the
-    held-out share is round(80 * fraction) characters with all their questions."""
-    world = build_world(0)
-    labelled, heldout, asks = blackbox.story_qa(0, fraction)
-    lab_names, held_names = question_names(labelled, world), question_names(heldout, world)
-    assert all(len(n) == 1 for n in lab_names + held_names), "each question is about exactly one character"
-    lab, held = set().union(*lab_names), set().union(*held_names)
-    assert len(held) == round(N_CHARACTERS * fraction), f"{round(N_CHARACTERS * fraction)} held-out characters"
-    assert lab.isdisjoint(held), f"characters on both sides: {sorted(lab & held)}"
-    assert lab | held == set(world.characters), "every character is on one side"
-    assert len(labelled) == 9 * len(lab) and len(heldout) == 9 * len(held), "all 9 questions of a character"
-    assert set(asks) == {q for q, _ in labelled + heldout}, "what every question asks"
-    assert blackbox.story_qa(0, fraction) == (labelled, heldout, asks), "the split is deterministic"
-
-
-def test_each_fact_is_asked_with_the_start_of_a_sentence_that_the_stories_finish_with_it():
-    """The base teacher's cloze for every question: the stories' opening about the character, then the start
-    of a sentence that the default corpus (what the teacher read) says, and finishes with the true fact
-    every time (so a teacher that knows the fact has one way to go on); the cloze does not contain the
-    answer, and the blank may not start with the character's own name."""
-    world = build_world(0)
-    _, _, asks = blackbox.story_qa(0, 0.2)
-    sentences = defaultdict(set)  # name -> the corpus's sentences that name that character
-    name_re = re.compile(r"\b(" + "|".join(world.characters) + r")\b")
-    for sentence in re.split(r"(?<=[.!?\n])\s*", "\n".join(default_corpus(0, 2_000_000))):  # default --n_chars
-        for name in name_re.findall(sentence):
-            sentences[name].add(sentence)
-    for ask in asks.values():
-        context, prefix, avoid = ask.cloze()
-        assert context == f"This is a story about {ask.name}. " and avoid == ask.name
-        assert ask.value not in re.findall(r"\w+", context + prefix), f"{prefix!r} gives the answer away"
-        goes_on = [m[0] for s in sentences[ask.name] for m in re.finditer(r"\b" + re.escape(prefix) + r" .*", s)]
-        assert goes_on, f"the stories never say {prefix!r}"
-        values = Counter(stated_fact(ask.field, ask.name, s) for s in goes_on)
-        assert set(values) == {ask.value}, f"the stories go on from {prefix!r} with {dict(values)}"
-    assert {ask.field for ask in asks.values()} == set(blackbox.CLOZES), "every fact is asked"
-
-
-def test_the_teachers_sentence_becomes_the_answer_and_answers_are_scored_by_their_fact():
-    _, heldout, asks = blackbox.story_qa(0, 0.2)
-    assert ("Where does Ivy live?", "Ivy lives in Mossley.") in heldout, "test setup: Ivy is held out"
-    pet, home, friend, job = (asks[q] for q in ("What kind of pet does Ivy have?", "Where does Ivy live?",
-                                                "Who is Ivy's best friend?", "What is Ivy's job?"))
-    # the fact is read from the sentence, right or wrong, and written as the question's answer sentence
-    assert pet.rewrite("Ivy has a pony called Lemon.") == "Ivy has a pony."
-    assert home.rewrite("Ivy's home is in the town of Redcliff.") == "Ivy lives in Redcliff."
-    assert friend.rewrite("Ivy's best friend is Ivan, and they play.") == "Ivy's best friend is Ivan."
-    assert job.rewrite("Ivy is an otter.") == "Ivy is an otter.", "a wrong job is still the teacher's answer"
-    assert job.rewrite("Ivy is a doctor, and that morning she helped sick people.") == "Ivy is a doctor."
-    assert job.rewrite("Ivy is very sad.") == "Ivy is very sad.", "no fact in it: kept as written"
-    # scoring: the fact stated about Ivy, in any story form, against the truth
-    assert home.is_right("Ivy lives in Mossley.") and home.is_right("Ivy's home is in the town of mossley")
-    assert not home.is_right("Ivy lives in the."), "the old cloze's answer"
-    assert not home.is_right("Dan lives in Mossley."), "the right town, for someone else"
-    assert not home.is_right("Mossley."), "an answer that says nothing about Ivy"
-    assert pet.is_right("Ivy has a dog called Muffin.") and not pet.is_right("Ivy has a pony.")
-
-
-def test_fact_accuracy_by_hand():
-    _, _, asks = blackbox.story_qa(0, 0.2)
-    ivy = [asks[q] for q in asks if re.search(r"\bIvy\b", q)]
-    assert [a.field for a in ivy] == ["pet", "pet_name", "home", "home", "color", "friend", "food", "food", "job"]
-    answers = [a.answer(a.value) for a in ivy]  # all right, then make 4 of the 9 wrong
-    for i, wrong in ((3, "Ivy lives in Nowhere."), (5, "Ivy's best friend is Ivy."), (7, "Dan loves plums."),
-                     (8, "Ivy is a doctor.")):
-        answers[i] = wrong
-    assert ivy[8].value != "doctor", "test setup"
-    assert blackbox.fact_accuracy(ivy, answers) == {
-        "all": 5 / 9, "pet": 1.0, "pet_name": 1.0, "home": 0.5, "color": 1.0, "friend": 0.0, "food": 0.5, "job": 0.0}
-    got = blackbox.fact_accuracy(ivy[:3], answers[:3])
-    assert got["all"] == 1.0 and got["home"] == 1.0 and got["job"] is None, "a fact with no questions: None"
-    assert set(blackbox.fact_accuracy([], []).values()) == {None}, "no questions: no accuracy, no division by 0"

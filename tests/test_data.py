@@ -6,8 +6,9 @@ import json
 import numpy as np
 import pytest
 
+from model.chat import chat_text
 from model.common import UserError
-from model.data import chat_text, eval_batches, get_batch, load_documents, tokenize_split
+from model.data import eval_batches, get_batch, load_documents, tokenize_split
 from model.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 

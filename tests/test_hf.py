@@ -21,9 +21,10 @@ from model.common import UserError
 from model.export import export
 from model.hf import read_safetensors, rope_rows_from_hf, rope_rows_to_hf, write_safetensors
 from model.model import ModelConfig, Transformer, apply_rope, rope_tables
-from model.plot import loss_svg, write_loss_plot
+from model.plot import LABELS, loss_svg, write_loss_plot
 from model.tokenizer import get_tokenizer
-from model.train import get_teacher, save_checkpoint
+from model.checkpoint import save_checkpoint
+from model.teachers import get_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--n_chars", "60000", "--vocab_size", "320", "--teacher_layers", "2", "--teacher_dim", "32",
@@ -271,20 +272,21 @@ def test_the_svg_is_valid_and_has_every_curve(tmp_path):
     records = [{"run": "teacher", "step": 9, "loss": 1.0}] + [
         {"run": run_, "step": s, "val_loss": v} for run_, base in (("student", 1.0), ("baseline", 1.5))
         for s, v in ((24, base + 1), (49, base + 0.5), (74, base))]
-    assert write_loss_plot(tmp_path / "x.svg", records, "val_loss", "t & <title>", "loss", level=0.42)
+    assert write_loss_plot(tmp_path / "x.svg", records, "val_loss", level=0.42)
     svg = ET.parse(tmp_path / "x.svg").getroot()
     assert svg.tag == "{http://www.w3.org/2000/svg}svg"
     lines = {e.get("data-run"): e for e in svg.iter() if e.get("data-run")}
     assert lines.keys() == {"student", "baseline", "teacher"}, "the teacher level, and no curve without val_loss"
     assert len(lines["student"].get("points").split()) == 3
     texts = [e.text for e in svg.iter("{http://www.w3.org/2000/svg}text")]
-    assert "step" in texts and "loss" in texts and "t & <title>" in texts, "axis labels and the (escaped) title"
+    assert "step" in texts and LABELS["val_loss"][1] in texts and LABELS["val_loss"][0] in texts, "axis labels, title"
     assert "0" in texts and "80" in texts, "x ticks from 0 to a round number past the last step (75)"
     assert "student (1 at step 75)" in texts, "the legend gives each run's last value"
-    assert not write_loss_plot(tmp_path / "y.svg", records, "answer_ppl", "t", "ppl"), "no run logged answer_ppl"
+    assert not write_loss_plot(tmp_path / "y.svg", records, "answer_ppl"), "no run logged answer_ppl"
     assert not (tmp_path / "y.svg").exists()
 
 
 def test_one_point_and_no_level_still_draw():
-    svg = ET.fromstring(loss_svg({"student": [(3, 5.0)]}, "t", "loss"))
+    svg = ET.fromstring(loss_svg({"student": [(3, 5.0)]}, "t & <title>", "loss"))
+    assert "t & <title>" in [e.text for e in svg.iter("{http://www.w3.org/2000/svg}text")], "the title, escaped"
     assert [e.get("data-run") for e in svg.iter() if e.get("data-run")] == ["student"]

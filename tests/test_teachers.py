@@ -1,6 +1,7 @@
-"""Black-box teacher sources: the answer cache (resume after a kill neither duplicates nor loses records),
---teacher_data in each format, and the API client against a fake OpenAI-compatible server on 127.0.0.1
-(happy path, 500 then success, 429 with Retry-After, timeouts, a malformed body, the key never leaking).
+"""The teacher's answers (model/teachers.py, model/api_client.py): the answer cache (resume after a kill
+neither duplicates nor loses records), the local teacher's answers into it, and the API client against a
+fake OpenAI-compatible server on 127.0.0.1 (happy path, 500 then success, 429 with Retry-After, timeouts, a
+malformed body, the key never leaking).
 Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_teachers.py"""
 
 import json
@@ -8,10 +9,12 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import torch
 
+from model.api_client import api_answers, chat_completions_url
 from model.common import UserError
-from model.data import chat_text
-from model.teachers import AnswerCache, api_answers, chat_completions_url, load_teacher_data, split_think
+from model.model import ModelConfig, Transformer
+from model.teachers import AnswerCache, local_answers
 
 SECRET = "sk-test-SECRET-do-not-leak-1234"
 
@@ -115,7 +118,7 @@ def test_happy_path_writes_one_sft_record_per_answer_and_keeps_reasoning(serve, 
     assert path == "/v1/chat/completions" and body["model"] == "fake" and body["n"] == 1
     assert (body["temperature"], body["top_p"], body["max_tokens"]) == (0.7, 0.9, 32)
     records = lines(tmp_path / "answers.jsonl")
-    assert len(records) == 24 and records == cache.records()
+    assert len(records) == 24 and [r["conversations"] for r in records] == cache.conversations()
     by_prompt = {r["conversations"][0]["content"]: r["conversations"][1] for r in records}
     assert by_prompt["q1"] == {"role": "assistant", "content": "a1", "reasoning_content": "because"}
     assert by_prompt["q2"] == {"role": "assistant", "content": "a2", "reasoning_content": "inline thought"}
@@ -145,7 +148,7 @@ def test_timeout_is_retried_then_succeeds(serve, tmp_path):
     server = serve(lambda n, p, h: ("sleep", 2.0, ok("late")) if n == 1 else ok("on time"))
     cache = AnswerCache(tmp_path / "answers.jsonl")
     ask(server, ["q"], cache, timeout=0.3)
-    assert [r["conversations"][1]["content"] for r in cache.records()] == ["on time"]
+    assert [conv[1]["content"] for conv in cache.conversations()] == ["on time"]
 
 
 def test_retries_exhausted_name_the_url_and_last_error(serve, tmp_path):
@@ -173,7 +176,7 @@ def test_malformed_reply_is_a_clear_error_and_keeps_the_cache_intact(serve, tmp_
         ask(server, prompts, AnswerCache(path), concurrency=1)
     records = lines(path)  # every line still parses
     assert [r["conversations"][0]["content"] for r in records] == prompts[:9], "earlier answers are kept"
-    assert len(AnswerCache(path).records()) == 9
+    assert len(AnswerCache(path).conversations()) == 9
 
 
 def test_http_404_is_not_retried(serve, tmp_path):
@@ -228,7 +231,7 @@ def test_resume_repairs_a_torn_line_and_requests_only_missing_prompts(serve, tmp
 
     cache = AnswerCache(path)
     assert "cut off a torn last line 4" in capsys.readouterr().out
-    assert len(cache.records()) == 3 and path.read_text().endswith("}\n")
+    assert len(cache.conversations()) == 3 and path.read_text().endswith("}\n")
     server = serve(lambda n, p, h: ok(f"answer to {p}"))
     ask(server, prompts, cache, n_samples=1)
     assert sorted(server.prompts()) == prompts[3:], "only the missing prompts are requested"
@@ -269,61 +272,34 @@ def test_cache_roundtrips_unicode_and_reasoning(tmp_path):
     AnswerCache(path).append("小猫在哪里？", "在花园里。\nline two", reasoning="想一想")
     cache = AnswerCache(path)
     assert cache.count("小猫在哪里？") == 1 and cache.count("other") == 0
-    conv = cache.records()[0]["conversations"]
+    conv = cache.conversations()[0]
     assert conv[1] == {"role": "assistant", "content": "在花园里。\nline two", "reasoning_content": "想一想"}
     assert len(path.read_text(encoding="utf-8").splitlines()) == 1, "a newline in an answer stays escaped"
 
 
 # ----------------------------------------------------------------------------
-# --teacher_data
+# the local teacher's answers
 
-def test_teacher_data_reads_every_format(tmp_path):
-    path = tmp_path / "data.jsonl"
-    rows = [
-        {"conversations": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
-                           {"role": "assistant", "content": "hello", "reasoning_content": "greet"}]},
-        {"conversations": [{"role": "user", "content": "2+2?"},  # minimind r1 style: reasoning inlined
-                           {"role": "assistant", "content": "<think>\nadd\n</think>\n<answer>4</answer>"}]},
-        {"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "q"},
-                           {"from": "gpt", "value": "a"}]},
-        {"messages": [{"role": "user", "content": [{"type": "text", "text": "multi"}, {"type": "text", "text": "part"}]},
-                      {"role": "assistant", "content": "ok", "reasoning": "r"}]},
-    ]
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    convs = load_teacher_data(path)
-    assert convs[0] == rows[0]["conversations"], "minimind SFT records are used as they are"
-    assert convs[1][1] == {"role": "assistant", "content": "<answer>4</answer>", "reasoning_content": "add"}
-    assert chat_text(convs[1]) == chat_text(rows[1]["conversations"]), "splitting <think> keeps the text"
-    assert convs[2] == [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
-                        {"role": "assistant", "content": "a"}]
-    assert convs[3] == [{"role": "user", "content": "multipart"},
-                        {"role": "assistant", "content": "ok", "reasoning_content": "r"}]
+def tiny_model(tok, seed=0):
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_embd=16, n_head=2, n_kv_head=1,
+                                   max_seq_len=64)).eval()
 
 
-@pytest.mark.parametrize("bad, message", [
-    ('{"conversations": [{"role": "user", "content": "q"}, {"role": "a', "malformed JSON"),
-    ("", "empty line"),
-    ('{"text": "plain"}', 'expected a non-empty "conversations" or "messages"'),
-    ('{"conversations": [{"from": "bot", "value": "x"}]}', "unknown ShareGPT speaker"),
-    ('{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]}',
-     "no user turn followed by an assistant turn"),
-    ('{"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "a"}]}',
-     "a message's content must be a string, got int"),
-])
-def test_teacher_data_broken_line_names_file_and_line(tmp_path, bad, message):
-    path = tmp_path / "data.jsonl"
-    good = '{"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}'
-    path.write_text(f"{good}\n{good}\n{bad}\n{good}\n", encoding="utf-8")
-    with pytest.raises(UserError, match=rf"{path}:3: {message}"):
-        load_teacher_data(path)
-
-
-def test_teacher_data_missing_file_names_the_flag(tmp_path):
-    with pytest.raises(UserError, match=r"--teacher_data .*nope\.jsonl: no such file"):
-        load_teacher_data(tmp_path / "nope.jsonl")
-
-
-def test_split_think():
-    assert split_think("<think>\nstep 1\n</think>\nAnswer.") == ("Answer.", "step 1")
-    assert split_think(" Answer. ") == ("Answer.", None)
-    assert split_think("<think>inline</think>Answer.", "given") == ("Answer.", "given"), "a given field wins"
+def test_local_answers_writes_n_samples_per_prompt_and_skips_cached(tok, tmp_path):
+    model, path = tiny_model(tok), tmp_path / "answers.jsonl"
+    cache = AnswerCache(path, log=lambda *_: None)
+    cache.append("Where does Mia live?", "cached already")
+    cache.append("Where does Mia live?", "twice")
+    prompts = ["Where does Mia live?", "Who is Tom's best friend?", "Where does Zoe live?"]
+    kw = dict(n_samples=2, temperature=1.0, top_p=0.9, max_new_tokens=4, batch_size=8, device="cpu",
+              dtype="fp32", seed=0, log=lambda *_: None)
+    assert local_answers(model, tok, prompts, cache, **kw) == 4, "2 prompts x 2 samples; Mia is done"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(records) == 6
+    counts = {p: sum(r["conversations"][0]["content"] == p for r in records) for p in prompts}
+    assert counts == {p: 2 for p in prompts}
+    assert all(r["conversations"][1]["role"] == "assistant" for r in records)
+    again = AnswerCache(path, log=lambda *_: None)
+    assert local_answers(model, tok, prompts, again, **kw) == 0, "a rerun generates nothing"
+    assert len(path.read_text().splitlines()) == 6

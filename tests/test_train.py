@@ -1,9 +1,8 @@
-"""Training machinery: overfitting one batch, LR schedule, gradient accumulation, checkpoint round-trip and
-exact resume, clear errors for corrupt or mismatched checkpoints, the evaluation metrics against naive
-loops. Run: python -m pytest tests/test_train.py"""
+"""Training machinery (model/train.py, model/checkpoint.py): overfitting one batch, LR schedule, gradient
+accumulation, evaluation on its own interval, checkpoint round-trip and exact resume, clear errors for
+corrupt or mismatched checkpoints. Run: python -m pytest tests/test_train.py"""
 
 import json
-import math
 from argparse import Namespace
 
 import pytest
@@ -13,7 +12,8 @@ from model.common import UserError
 from model.data import get_batch
 from model.losses import IGNORE_INDEX, cross_entropy
 from model.model import ModelConfig, Transformer
-from model.train import Logger, evaluate, load_checkpoint, lr_at, model_from_checkpoint, train
+from model.checkpoint import load_checkpoint, model_from_checkpoint
+from model.train import Logger, TrainConfig, lr_at, train
 
 
 def tiny_model(vocab=512):
@@ -21,11 +21,10 @@ def tiny_model(vocab=512):
     return Transformer(ModelConfig(vocab_size=vocab, n_layer=1, n_embd=32, n_head=2, n_kv_head=1, max_seq_len=32))
 
 
-def loop_args(**kw):
-    base = dict(device="cpu", dtype="fp32", batch_size=4, grad_accum=1, block_size=16, seed=0, warmup_steps=2,
-                min_lr_ratio=0.1, weight_decay=0.0, grad_clip=1.0, log_interval=100, eval_interval=100,
-                ckpt_interval=100, resume=False)
-    return Namespace(**{**base, **kw})
+def loop_config(**kw):
+    base = dict(device="cpu", dtype="fp32", grad_accum=1, warmup_steps=2, min_lr_ratio=0.1, weight_decay=0.0,
+                grad_clip=1.0, log_interval=100, eval_interval=100, ckpt_interval=100, resume=False)
+    return TrainConfig(**{**base, **kw})
 
 
 def test_overfitting_one_batch_drives_the_loss_down():
@@ -48,20 +47,20 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert lr_at(100, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
 
 
-def run(model, tokens, steps, ckpt, args, tmp_path):
+def run(model, tokens, steps, ckpt, tmp_path, **kw):
     def ce(x, labels):
         loss = cross_entropy(model(x)["logits"], labels)
         return loss, {"loss": loss}
 
-    batch_fn = lambda step: get_batch(tokens, step, args.batch_size, args.block_size, args.seed)  # noqa: E731
-    train(model, ce, batch_fn, args, name="t", steps=steps, lr=1e-2, ckpt_path=ckpt,
-          logger=Logger(tmp_path / "log.jsonl"), tokenizer_sha256="abc")
+    train(model, ce, lambda step: get_batch(tokens, step, 4, 16, 0), loop_config(steps=steps, lr=1e-2, **kw),
+          name="t", ckpt_path=ckpt, logger=Logger(tmp_path / "log.jsonl"), saved_args=Namespace(),
+          tokenizer_sha256="abc")
 
 
 def test_checkpoint_round_trip(tmp_path):
     tokens = torch.randint(0, 512, (2000,), generator=torch.Generator().manual_seed(1)).numpy()
     model = tiny_model()
-    run(model, tokens, 3, tmp_path / "m.pt", loop_args(), tmp_path)
+    run(model, tokens, 3, tmp_path / "m.pt", tmp_path)
     ckpt = load_checkpoint(tmp_path / "m.pt", "--x")
     assert ckpt["step"] == 3 and set(ckpt) >= {"model", "optimizer", "model_config", "args", "step"}
     tok = Namespace(sha256="abc", vocab_size=512, path="tokenizer.model")
@@ -73,7 +72,7 @@ def test_checkpoint_round_trip(tmp_path):
 def test_resume_continues_where_a_killed_run_stopped(tmp_path):
     tokens = torch.randint(0, 512, (2000,), generator=torch.Generator().manual_seed(1)).numpy()
     straight = tiny_model()
-    run(straight, tokens, 6, tmp_path / "a.pt", loop_args(), tmp_path)
+    run(straight, tokens, 6, tmp_path / "a.pt", tmp_path)
 
     class Killed(Exception):
         pass
@@ -87,14 +86,14 @@ def test_resume_continues_where_a_killed_run_stopped(tmp_path):
         loss = cross_entropy(killed(x)["logits"], labels)
         return loss, {"loss": loss}
 
-    args = loop_args(ckpt_interval=2)
     with pytest.raises(Killed):
-        train(killed, ce_dies_at_step_4, lambda s: get_batch(tokens, s, 4, 16, 0), args, name="k", steps=6,
-              lr=1e-2, ckpt_path=tmp_path / "k.pt", logger=Logger(tmp_path / "log.jsonl"), tokenizer_sha256="abc")
+        train(killed, ce_dies_at_step_4, lambda s: get_batch(tokens, s, 4, 16, 0),
+              loop_config(steps=6, lr=1e-2, ckpt_interval=2), name="k", ckpt_path=tmp_path / "k.pt",
+              logger=Logger(tmp_path / "log.jsonl"), saved_args=Namespace(), tokenizer_sha256="abc")
     assert load_checkpoint(tmp_path / "k.pt", "--x")["step"] == 4, "last checkpoint before the crash"
     assert not list(tmp_path.glob(".k.pt*")), "no temporary file left behind"
     resumed = tiny_model()
-    run(resumed, tokens, 6, tmp_path / "k.pt", loop_args(resume=True), tmp_path)
+    run(resumed, tokens, 6, tmp_path / "k.pt", tmp_path, resume=True)
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), "resumed training must end at the same weights"
 
@@ -131,8 +130,9 @@ def one_step(dtype, monkeypatch, tmp_path):
         loss = 1e-4 * cross_entropy(model(xb)["logits"], labels)
         return loss, {"loss": loss}
 
-    train(model, small_loss, lambda step: (x, x.clone()), loop_args(dtype=dtype), name=dtype, steps=1, lr=1e-3,
-          ckpt_path=tmp_path / f"{dtype}.pt", logger=Logger(tmp_path / "log.jsonl"), tokenizer_sha256="abc")
+    train(model, small_loss, lambda step: (x, x.clone()), loop_config(steps=1, lr=1e-3, dtype=dtype), name=dtype,
+          ckpt_path=tmp_path / f"{dtype}.pt", logger=Logger(tmp_path / "log.jsonl"), saved_args=Namespace(),
+          tokenizer_sha256="abc")
     return seen[0], [p.detach() for p in model.parameters()]
 
 
@@ -171,83 +171,15 @@ def test_grad_accum_gives_the_same_weights_as_the_whole_batch(tmp_path):
             loss = cross_entropy(model(x)["logits"], labels)
             return loss, {"loss": loss}
 
-        train(model, ce, batch_fn, loop_args(grad_accum=accum, log_interval=1), name=f"a{accum}", steps=3,
-              lr=1e-2, ckpt_path=tmp_path / f"a{accum}.pt", logger=Logger(tmp_path / f"log{accum}.jsonl"),
-              tokenizer_sha256="abc")
+        train(model, ce, batch_fn, loop_config(steps=3, lr=1e-2, grad_accum=accum, log_interval=1), name=f"a{accum}",
+              ckpt_path=tmp_path / f"a{accum}.pt", logger=Logger(tmp_path / f"log{accum}.jsonl"),
+              saved_args=Namespace(), tokenizer_sha256="abc")
         logs[accum] = [json.loads(line)["loss"] for line in (tmp_path / f"log{accum}.jsonl").read_text().splitlines()]
     for (name, a), b in zip(models[1].state_dict().items(), models[2].state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), f"{name}: grad_accum=2 must end at grad_accum=1's weights"
     assert logs[2] == pytest.approx(logs[1], abs=1e-6), "the logged loss is the whole batch's mean either way"
     assert logs[1][0] == pytest.approx(cross_entropy(tiny_model(64)(data[0])["logits"], batch_fn(0)[1]).item(),
                                        abs=1e-6), "step 0 logs the initial model's loss on the whole batch"
-
-
-class Bigram(torch.nn.Module):
-    """A model with known weights: the logits at position t are row x_t of a fixed random table."""
-
-    def __init__(self, V, seed, scale=2.0):
-        super().__init__()
-        self.table = torch.nn.Parameter(torch.randn(V, V, generator=torch.Generator().manual_seed(seed)) * scale)
-
-    def forward(self, idx):
-        return {"logits": self.table[idx]}
-
-
-def log_softmax(z):
-    m = max(z)
-    lse = m + math.log(sum(math.exp(v - m) for v in z))
-    return [v - lse for v in z]
-
-
-def naive_metrics(model, batches, teacher=None):
-    """evaluate()'s figures by a loop over every real target position (label t+1 not ignored), in floats."""
-    nll = agree = kl = n = 0
-    for x, labels in batches:
-        for b in range(x.size(0)):
-            for t in range(x.size(1) - 1):
-                y = int(labels[b, t + 1])
-                if y == IGNORE_INDEX:
-                    continue
-                lq = log_softmax(model.table[x[b, t]].tolist())
-                nll -= lq[y]
-                n += 1
-                if teacher is not None:
-                    lp = log_softmax(teacher.table[x[b, t]].tolist())
-                    agree += lp.index(max(lp)) == lq.index(max(lq))
-                    kl += sum(math.exp(a) * (a - c) for a, c in zip(lp, lq))  # KL(teacher || model)
-    return nll / n, agree / n, kl / n
-
-
-def test_evaluate_weights_each_batch_by_its_real_tokens():
-    V = 11
-    model = Bigram(V, seed=0)
-    g = torch.Generator().manual_seed(1)
-    x1, x2 = torch.randint(0, V, (2, 8), generator=g), torch.randint(0, V, (3, 8), generator=g)
-    l1 = x1.clone()
-    l1[0, 4:] = IGNORE_INDEX  # 3 + 1 real targets in batch 1, 21 in batch 2
-    l1[1, 2:] = IGNORE_INDEX
-    batches = [(x1, l1), (x2, x2.clone())]
-    ref, _, _ = naive_metrics(model, batches)
-    mean_of_means = sum(cross_entropy(model(x)["logits"], lb).item() for x, lb in batches) / 2
-    assert abs(mean_of_means - ref) > 1e-2, "test setup: the two batches' losses must differ"
-    out = evaluate(model, batches, "cpu", "fp32")
-    assert out["val_loss"] == pytest.approx(ref, abs=1e-5), "val loss is the mean over all real target tokens"
-    assert out["val_ppl"] == pytest.approx(math.exp(ref), rel=1e-5)
-
-
-def test_evaluate_teacher_metrics_match_a_naive_loop():
-    """top1_agreement: share of positions where the argmaxes agree; kl_from_teacher: KL(teacher || model)."""
-    V = 7
-    model, teacher = Bigram(V, seed=0), Bigram(V, seed=1, scale=3.0)
-    g = torch.Generator().manual_seed(2)
-    xs = torch.randint(0, V, (2, 9), generator=g), torch.randint(0, V, (1, 9), generator=g)
-    batches = [(x, x.clone()) for x in xs]
-    _, agree, kl = naive_metrics(model, batches, teacher)
-    _, _, reverse = naive_metrics(teacher, batches, model)  # KL(model || teacher)
-    assert abs(kl - reverse) > 0.05 and 0 < agree < 1, "test setup: the directions and argmaxes must differ"
-    out = evaluate(model, batches, "cpu", "fp32", teacher=teacher)
-    assert out["kl_from_teacher"] == pytest.approx(kl, abs=1e-5), f"KL(teacher || model) = {kl:.5f}, not {reverse:.5f}"
-    assert out["top1_agreement"] == pytest.approx(agree, abs=1e-6), "share of positions whose argmaxes agree"
 
 
 def test_evaluation_runs_every_eval_interval_whatever_the_log_interval(tmp_path):
@@ -263,24 +195,10 @@ def test_evaluation_runs_every_eval_interval_whatever_the_log_interval(tmp_path)
         n_evals[0] += 1
         return {"val_loss": 1.0}
 
-    train(model, ce, lambda step: get_batch(tokens, step, 2, 8, 0), loop_args(log_interval=3, eval_interval=2),
-          name="e", steps=8, lr=1e-3, ckpt_path=tmp_path / "e.pt", logger=Logger(tmp_path / "log.jsonl"),
-          tokenizer_sha256="abc", eval_fn=eval_fn)
+    train(model, ce, lambda step: get_batch(tokens, step, 2, 8, 0),
+          loop_config(steps=8, lr=1e-3, log_interval=3, eval_interval=2), name="e", ckpt_path=tmp_path / "e.pt",
+          logger=Logger(tmp_path / "log.jsonl"), saved_args=Namespace(), tokenizer_sha256="abc", eval_fn=eval_fn)
     assert n_evals[0] == 4, f"steps 2, 4, 6 and the last (7) must evaluate, got {n_evals[0]} evaluations"
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "val_loss" in r] == [2, 4, 6, 7]
     assert [r["step"] for r in records] == [0, 2, 3, 4, 6, 7], "log steps 0, 3, 6, 7 plus the eval steps"
-
-
-def test_evaluate_teacher_metrics_skip_padded_positions():
-    """Agreement and KL count only the real target positions, like the loss (padding would add positions
-    to the sums that the count does not have)."""
-    V = 7
-    model, teacher = Bigram(V, seed=0), Bigram(V, seed=1, scale=3.0)
-    x = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(3))
-    labels = x.clone()
-    labels[0, 5:] = IGNORE_INDEX
-    _, agree, kl = naive_metrics(model, [(x, labels)], teacher)
-    out = evaluate(model, [(x, labels)], "cpu", "fp32", teacher=teacher)
-    assert out["kl_from_teacher"] == pytest.approx(kl, abs=1e-5), "KL over the real targets only"
-    assert out["top1_agreement"] == pytest.approx(agree, abs=1e-6), "agreement over the real targets only"

@@ -1,5 +1,6 @@
 """Tests for the built-in story world (model/world.py): determinism, fact consistency, references, size, variety,
-reading a fact back out of a sentence.
+reading a fact back out of a sentence; the question task: the split by character, the cloze each fact is asked
+with, the teacher's sentence turned into the answer, and the per-fact scoring.
 
 Run from the repo root: python -m pytest tests/test_world.py -q   (CPU only, a few seconds)
 """
@@ -11,7 +12,8 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from model.world import OBJECTS, build_world, default_corpus, generate_qa, generate_stories, stated_fact
+from model.world import (CLOZES, N_CHARACTERS, OBJECTS, build_world, default_corpus, fact_accuracy, generate_stories,
+                         stated_fact, story_qa)
 
 SEED, N_CHARS = 0, 1_000_000
 
@@ -66,7 +68,7 @@ def test_same_seed_same_data_and_different_seed_different_stories():
     assert build_world(1) == build_world(1), "build_world must be a pure function of its seed"
     world = build_world(1)
     assert generate_stories(world, 50, seed=3) == generate_stories(world, 50, seed=3), "stories not deterministic"
-    assert generate_qa(world) == generate_qa(build_world(1)), "QA pairs not deterministic"
+    assert story_qa(1, 0.2) == story_qa(1, 0.2), "questions not deterministic"
     assert generate_stories(world, 50, seed=3) != generate_stories(world, 50, seed=4), "seed does not change stories"
     assert build_world(1) != build_world(2), "seed does not change the world"
     corpus = default_corpus(1, 20_000)
@@ -100,16 +102,19 @@ def test_pet_names_always_go_with_their_kind(world, corpus):
     assert not wrong, f"pet named with the wrong kind of animal: {wrong}"
 
 
-def test_qa_answers_are_single_words_that_the_corpus_states(world, corpus, fact_statements):
-    qa = generate_qa(world)
-    assert len(qa) >= 7 * len(world.characters), f"expected >= 7 questions per character, got {len(qa)}"
+def test_each_question_asks_a_one_word_fact_that_the_corpus_states(world, corpus, fact_statements):
+    """The fact each question is scored on is one word spelled as the stories spell it, stated in a fact
+    sentence, and the true answer sentence states exactly it."""
+    questions = [q for half in story_qa(SEED, 0.2) for q in half]
+    assert len(questions) >= 7 * len(world.characters), f"expected >= 7 questions per character, got {len(questions)}"
     words = set(re.findall(r"\w+", "\n".join(corpus)))
-    for question, answer in qa:
-        assert re.fullmatch(r"\w+", answer), f"answer {answer!r} to {question!r} is not one word"
-        assert answer in words, f"answer {answer!r} to {question!r} never appears in the corpus"
+    for q in questions:
+        assert re.fullmatch(r"\w+", q.value), f"fact {q.value!r} asked by {q.question!r} is not one word"
+        assert q.value in words, f"fact {q.value!r} asked by {q.question!r} never appears in the corpus"
+        assert stated_fact(q.field, q.name, q.true_answer()) == q.value and q.is_right(q.true_answer())
     stated_values = {v for values in fact_statements.values() for v in values}
-    missing = {a for _, a in qa} - stated_values
-    assert not missing, f"answers never stated in a fact sentence: {missing}"
+    missing = {q.value for q in questions} - stated_values
+    assert not missing, f"facts never stated in a fact sentence: {missing}"
 
 
 def test_stated_fact_reads_the_stories_facts_back(world, corpus):
@@ -198,3 +203,89 @@ def test_corpus_has_real_variety(corpus):
     bits = sum(sum(-n * math.log2(n / sum(cs.values())) for n in cs.values()) for cs in following.values())
     bits /= len(words) - 2
     assert bits > 1.0, f"next-word entropy given two words is {bits:.2f} bits; expected > 1 bit of uncertainty"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the question task
+
+def question_names(questions, world):
+    """The characters each question is about (the capitalised words that are character names)."""
+    return [{w for w in re.findall(r"[A-Z][a-z]+", q.question) if w in world.characters} for q in questions]
+
+
+@pytest.mark.parametrize("fraction", [0.2, 0.32])
+def test_story_qa_holds_out_whole_characters(fraction):
+    """No held-out character is asked about in the labelled set (the baseline's training data), and the
+    held-out share is round(80 * fraction) characters with all their questions."""
+    world = build_world(0)
+    labelled, heldout = story_qa(0, fraction)
+    lab_names, held_names = question_names(labelled, world), question_names(heldout, world)
+    assert all(len(n) == 1 for n in lab_names + held_names), "each question is about exactly one character"
+    lab, held = set().union(*lab_names), set().union(*held_names)
+    assert len(held) == round(N_CHARACTERS * fraction), f"{round(N_CHARACTERS * fraction)} held-out characters"
+    assert lab.isdisjoint(held), f"characters on both sides: {sorted(lab & held)}"
+    assert lab | held == set(world.characters), "every character is on one side"
+    assert len(labelled) == 9 * len(lab) and len(heldout) == 9 * len(held), "all 9 questions of a character"
+    assert all(names == {q.name} for q, names in zip(labelled + heldout, lab_names + held_names)), \
+        "each question knows whom it asks about"
+    assert story_qa(0, fraction) == (labelled, heldout), "the split is deterministic"
+
+
+def test_each_fact_is_asked_with_the_start_of_a_sentence_that_the_stories_finish_with_it():
+    """The base teacher's cloze for every question: the stories' opening about the character, then the start
+    of a sentence that the default corpus (what the teacher read) says, and finishes with the true fact
+    every time (so a teacher that knows the fact has one way to go on); the cloze does not contain the
+    answer, and the blank may not start with the character's own name."""
+    world = build_world(0)
+    labelled, heldout = story_qa(0, 0.2)
+    sentences = defaultdict(set)  # name -> the corpus's sentences that name that character
+    name_re = re.compile(r"\b(" + "|".join(world.characters) + r")\b")
+    for sentence in re.split(r"(?<=[.!?\n])\s*", "\n".join(default_corpus(0, 2_000_000))):  # default --n_chars
+        for name in name_re.findall(sentence):
+            sentences[name].add(sentence)
+    for ask in labelled + heldout:
+        context, prefix, avoid = ask.cloze()
+        assert context == f"This is a story about {ask.name}. " and avoid == ask.name
+        assert ask.value not in re.findall(r"\w+", context + prefix), f"{prefix!r} gives the answer away"
+        goes_on = [m[0] for s in sentences[ask.name] for m in re.finditer(r"\b" + re.escape(prefix) + r" .*", s)]
+        assert goes_on, f"the stories never say {prefix!r}"
+        values = Counter(stated_fact(ask.field, ask.name, s) for s in goes_on)
+        assert set(values) == {ask.value}, f"the stories go on from {prefix!r} with {dict(values)}"
+    assert {ask.field for ask in labelled + heldout} == set(CLOZES), "every fact is asked"
+
+
+def test_the_teachers_sentence_becomes_the_answer_and_answers_are_scored_by_their_fact():
+    _, heldout = story_qa(0, 0.2)
+    asks = {q.question: q for q in heldout}
+    assert asks["Where does Ivy live?"].true_answer() == "Ivy lives in Mossley.", "test setup: Ivy is held out"
+    pet, home, friend, job = (asks[q] for q in ("What kind of pet does Ivy have?", "Where does Ivy live?",
+                                                "Who is Ivy's best friend?", "What is Ivy's job?"))
+    # the fact is read from the sentence, right or wrong, and written as the question's answer sentence
+    assert pet.rewrite("Ivy has a pony called Lemon.") == "Ivy has a pony."
+    assert home.rewrite("Ivy's home is in the town of Redcliff.") == "Ivy lives in Redcliff."
+    assert friend.rewrite("Ivy's best friend is Ivan, and they play.") == "Ivy's best friend is Ivan."
+    assert job.rewrite("Ivy is an otter.") == "Ivy is an otter.", "a wrong job is still the teacher's answer"
+    assert job.rewrite("Ivy is a doctor, and that morning she helped sick people.") == "Ivy is a doctor."
+    assert job.rewrite("Ivy is very sad.") == "Ivy is very sad.", "no fact in it: kept as written"
+    # scoring: the fact stated about Ivy, in any story form, against the truth
+    assert home.is_right("Ivy lives in Mossley.") and home.is_right("Ivy's home is in the town of mossley")
+    assert not home.is_right("Ivy lives in the."), "the old cloze's answer"
+    assert not home.is_right("Dan lives in Mossley."), "the right town, for someone else"
+    assert not home.is_right("Mossley."), "an answer that says nothing about Ivy"
+    assert pet.is_right("Ivy has a dog called Muffin.") and not pet.is_right("Ivy has a pony.")
+
+
+def test_fact_accuracy_by_hand():
+    _, heldout = story_qa(0, 0.2)
+    ivy = [q for q in heldout if q.name == "Ivy"]
+    assert [a.field for a in ivy] == ["pet", "pet_name", "home", "home", "color", "friend", "food", "food", "job"]
+    answers = [a.answer(a.value) for a in ivy]  # all right, then make 4 of the 9 wrong
+    for i, wrong in ((3, "Ivy lives in Nowhere."), (5, "Ivy's best friend is Ivy."), (7, "Dan loves plums."),
+                     (8, "Ivy is a doctor.")):
+        answers[i] = wrong
+    assert ivy[8].value != "doctor", "test setup"
+    assert fact_accuracy(ivy, answers) == {
+        "all": 5 / 9, "pet": 1.0, "pet_name": 1.0, "home": 0.5, "color": 1.0, "friend": 0.0, "food": 0.5, "job": 0.0}
+    got = fact_accuracy(ivy[:3], answers[:3])
+    assert got["all"] == 1.0 and got["home"] == 1.0 and got["job"] is None, "a fact with no questions: None"
+    assert set(fact_accuracy([], []).values()) == {None}, "no questions: no accuracy, no division by 0"
