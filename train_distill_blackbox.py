@@ -81,37 +81,6 @@ def parse_args():
     return args
 
 
-def print_report(report: dict, cloze: bool):
-    def fmt(v, spec):
-        return "-" if v is None else format(v, spec)
-
-    names = ("teacher", "student", "baseline")
-    print(f"\n{'model':<9} {'params':>8} {'held-out acc':>13} {'answer ppl':>11}   ({report['teacher_source']})")
-    for name in names:
-        r = report[name]
-        params = "-" if r["params"] is None else f"{r['params'] / 1e6:.2f}M"
-        print(f"{name:<9} {params:>8} {fmt(r['accuracy'], '13.1%'):>13} {fmt(r['answer_ppl'], '11.2f'):>11}")
-    if report["n_eval"]:
-        print(f"accuracy: the share of the {report['n_eval']} questions about held-out characters whose answer "
-              f"states the true fact (in any of the stories' words); answer ppl: on {report['n_ppl_answers']} "
-              f"teacher answers no model trained on")
-        print(f"\n{'by fact':<9} " + " ".join(f"{FACT_NAMES[f]:>8}" for f in CLOZES))
-        print(f"{'questions':<9} " + " ".join(f"{report['n_eval_by_fact'][f]:>8}" for f in CLOZES))
-        for name in names:
-            by_fact = report[name]["accuracy_by_fact"] or {}
-            print(f"{name:<9} " + " ".join(f"{fmt(by_fact.get(f), '8.1%'):>8}" for f in CLOZES))
-    else:
-        print(f"no checkable answers for these prompts: answer ppl on {report['n_ppl_answers']} held-out teacher "
-              f"answers and the samples below are the report")
-    print("\nsamples (greedy" + ("; the teacher finished a story sentence, and the student learnt the fact in it"
-                                 if cloze else "") + "):")
-    for s in report["samples"]:
-        print(f"Q: {s['prompt']}" + (f"   [true: {s['gold']}]" if s["gold"] else ""))
-        for name in names:
-            if name in s:
-                print(f"  {name:<8} {s[name]!r}")
-
-
 def sft(args, tok, model, name: str, examples, ppl_examples, logger, weights=(1.0, 1.0)) -> float:
     """SFT with CE on the (ids, mask) examples (weights: of the answer and of the <think> span), batches drawn
     for (seed, step); perplexity on ppl_examples at each evaluation. Returns the seconds it took."""
@@ -147,6 +116,35 @@ def score(args, tok, model, eval_qs, shown, ppl_examples, written, cloze=False):
         r["accuracy_by_fact"] = fact_accuracy(eval_qs, answers)
         r["accuracy"] = r["accuracy_by_fact"].pop("all")
     return r, answers[:len(shown)]
+
+
+def print_report(report: dict, cloze: bool):
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    names = ("teacher", "student", "baseline")
+    print(f"\n{'model':<9} {'params':>8} {'held-out acc':>13} {'answer ppl':>11}   ({report['teacher_source']})")
+    for name in names:
+        r = report[name]
+        params = "-" if r["params"] is None else f"{r['params'] / 1e6:.2f}M"
+        print(f"{name:<9} {params:>8} {fmt(r['accuracy'], '13.1%'):>13} {fmt(r['answer_ppl'], '11.2f'):>11}")
+    if report["n_eval"]:
+        print(f"accuracy: the share of the {report['n_eval']} questions about held-out characters whose answer "
+              f"states the true fact (in any of the stories' words); answer ppl: on {report['n_ppl_answers']} "
+              f"teacher answers no model trained on")
+        print(f"\n{'by fact':<9} " + " ".join(f"{FACT_NAMES[f]:>8}" for f in CLOZES))
+        print(f"{'questions':<9} " + " ".join(f"{report['n_eval_by_fact'][f]:>8}" for f in CLOZES))
+        for name in names:
+            by_fact = report[name]["accuracy_by_fact"] or {}
+            print(f"{name:<9} " + " ".join(f"{fmt(by_fact.get(f), '8.1%'):>8}" for f in CLOZES))
+    else:
+        print(f"no checkable answers for these prompts: answer ppl on {report['n_ppl_answers']} held-out teacher "
+              f"answers and the samples below are the report")
+    print("\nsamples (greedy" + ("; the teacher finished a story sentence, and the student learnt the fact in it"
+                                 if cloze else "") + "):")
+    for s in report["samples"]:  # each with the answers of the models there are
+        print(f"Q: {s['prompt']}" + (f"   [true: {s['gold']}]" if s["gold"] else ""))
+        print("\n".join(f"  {name:<8} {s[name]!r}" for name in names if name in s))
 
 
 def main():

@@ -174,9 +174,9 @@ class AnswerCache:
 def local_answers(teacher, tok, prompts: list[str], cache, *, n_samples: int, temperature: float, top_p: float,
                   max_new_tokens: int, batch_size: int, device: str, dtype: str, seed: int, cloze=None,
                   log=print) -> int:
-    """Sample n_samples answers per prompt from a local teacher into an AnswerCache,
-    through the chat template or, for a base model, a cloze (model/answer.py generate_answers). Prompts that already
-    have n_samples records are skipped, so a killed run resumes where it stopped; each batch's answers are
+    """Sample n_samples answers per prompt from a local teacher into an AnswerCache, through the chat
+    template or, for a base model, a cloze (model/answer.py generate_answers). Prompts that already have
+    n_samples records are skipped, so a killed run resumes where it stopped; each batch's answers are
     appended (and flushed) as soon as they exist. Returns the number of records written."""
     todo = []
     for p in dict.fromkeys(prompts):  # unique, in order

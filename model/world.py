@@ -1,4 +1,5 @@
-"""The story world: MiniDistill's built-in training data, generated from a seed.
+"""The story world: MiniDistill's built-in training data, generated from a seed, and the checkable question task
+about its characters.
 
 Nothing is downloaded. `build_world(seed)` invents 80 characters, and each one gets facts that never change: a pet
 (its kind and its name), a home town, a favourite colour, a favourite food, a job and a best friend.
@@ -12,17 +13,17 @@ Nothing is downloaded. `build_world(seed)` invents 80 characters, and each one g
    if Mia lives in Greenhill, no story puts her home anywhere else. A small model memorises these in a few
    minutes of training.
 
-The facts also make a task whose answers can be checked, the black-box script's: `story_qa` asks closed-book
-questions about every character ("Where does Mia live?"), split by character into labelled and held-out ones.
-An answer is a sentence ("Mia lives in Greenhill."), and it is right when the fact it states, read back in
-any of the stories' words (`stated_fact`), is the character's true one.
-
 The stories also depend on earlier text, so a model has to look back. Pronouns agree with the character. An
 object or place that is introduced early comes back later. The friend who helps is the hero's real best friend.
 The problem each story sets up is resolved by its end.
 
 Templates use `str.format` slots: {Name}, {he}, {his}, {pet_name}, ... describe the hero. The same slots with an
 `f_` prefix describe the hero's best friend, and with a `v_` prefix a third character whom the hero visits.
+
+The facts also make a task whose answers can be checked, the black-box script's: `story_qa` asks closed-book
+questions about every character ("Where does Mia live?"), split by character into labelled and held-out ones.
+An answer is a sentence ("Mia lives in Greenhill."), and it is right when the fact it states, read back in
+any of the stories' words (`stated_fact`), is the character's true one.
 """
 
 import itertools
