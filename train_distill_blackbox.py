@@ -66,7 +66,7 @@ def parse_args():
     p.add_argument("--ppl_fraction", type=float, default=0.1,
                    help="share of the teacher's answers held out of SFT to measure perplexity on")
     # optimization
-    add_optim_args(p, steps=1500, lr=3e-3, log_interval=100, eval_interval=500)
+    add_optim_args(p, steps=1500, lr=3e-3, log_interval=100, eval_interval=100)
     p.add_argument("--n_show", type=int, default=4, help="prompt -> teacher -> student samples to print")
     args = p.parse_args()
     check_optim_args(p, args)
