@@ -13,6 +13,7 @@ distillation spent, and print a comparison table (also written to out/whitebox_r
     python train_distill_whitebox.py --divergence reverse_kl --temperature 2 --hidden_weight 1
     python train_distill_whitebox.py --device cuda --dtype bf16 --data my_corpus.jsonl
     python train_distill_whitebox.py --cache_teacher_topk 32 --attn_weight 0   # offline KD, top-32 cache
+    python train_distill_whitebox.py --on_policy 0.5   # half the steps on the student's own samples (GKD)
 """
 
 import json
@@ -26,9 +27,10 @@ from model.cli import (add_data_args, add_optim_args, add_student_args, add_teac
                        resolve_device)
 from model.common import ArgumentParser, UserError, atomic_write_bytes, compiled, run_main
 from model.data import eval_batches, get_batch, load_corpus, tokenize_split
-from model.evaluate import evaluate
+from model.evaluate import evaluate, whitebox_report
 from model.losses import DIVERGENCES, attention_relation_loss, cross_entropy, hidden_loss, kd_loss, topk_kd_loss
 from model.model import Transformer, generate
+from model.on_policy import on_policy_batches
 from model.student import init_from_teacher, new_student, parse_layer_map
 from model.teachers import get_teacher, teacher_path
 from model.plot import write_loss_plot
@@ -69,6 +71,13 @@ def parse_args():
                         "(out_dir/topk_kK), then train with no teacher in memory; 0 = online KD")
     p.add_argument("--kd_chunk_size", type=int, default=0,
                    help="online KD loss this many positions at a time (less memory at large V); 0 = all at once")
+    p.add_argument("--on_policy", type=float, default=0.0,
+                   help="GKD's lambda: the share of steps, drawn from (seed, step), whose batch the student "
+                        "samples itself from the windows' first --prompt_len tokens; 0 = off-policy KD only")
+    p.add_argument("--prompt_len", type=int, default=0,
+                   help="prompt tokens of an on-policy sample and of gen_kl's prefixes; 0 = half of --block_size")
+    p.add_argument("--on_policy_divergence", default="reverse_kl", choices=DIVERGENCES,
+                   help="D on on-policy batches (--divergence stays D on the corpus's batches)")
     p.add_argument("--compile", action="store_true", help="torch.compile the student and teacher forwards")
     # optimization
     add_optim_args(p, steps=250, lr=1e-2, log_interval=50, eval_interval=25)
@@ -80,6 +89,11 @@ def parse_args():
         p.error("need 0 <= --alpha <= 1, --temperature > 0 and 0 <= --jsd_beta <= 1")
     if not 0 < args.skew < 1:  # 1 would make skew_kl KL(p || p) = 0; above 1, log(1 - skew) fails
         p.error(f"--skew {args.skew:g}: need 0 < --skew < 1")
+    args.prompt_len = args.prompt_len or args.block_size // 2
+    if not 0 <= args.on_policy <= 1 or not 0 < args.prompt_len < args.block_size:
+        p.error("need 0 <= --on_policy <= 1 and 0 < --prompt_len < --block_size")
+    if args.on_policy and args.cache_teacher_topk:
+        p.error("--on_policy needs the teacher online: the --cache_teacher_topk cache has only the corpus's text")
     if args.cache_teacher_topk and (args.hidden_weight > 0 or args.attn_weight > 0):
         p.error("--cache_teacher_topk caches logits only: add --attn_weight 0 (the attention term is on by default) "
                 "and --hidden_weight 0; both need the teacher online")
@@ -94,30 +108,17 @@ def fit(args, name: str, model, loss_fn, batch_fn, steps: int, val_batches, logg
                  eval_fn=lambda: evaluate(model, val_batches, args.device, args.dtype))
 
 
-def compare(models, teacher, val_batches, train_s, steps, log_records, device: str, dtype: str) -> dict:
-    """The report: each model's validation figures against the teacher, the share of the teacher gap the
-    student closed, and the steps the student took to match each baseline: its steps at its first evaluation
-    (every --eval_interval, read from the log) at or below the baseline's final val loss, None if never."""
-    report = {name: {**evaluate(model, val_batches, device, dtype, teacher=teacher), "params": model.num_params(),
-                     "train_s": train_s.get(name), "steps": steps.get(name)} for name, model in models.items()}
-    if "baseline" in report:
-        l_t, l_s, l_b = (report[k]["val_loss"] for k in ("teacher", "student", "baseline"))
-        report["gap_closed"] = (l_b - l_s) / (l_b - l_t) if l_b != l_t else None
-    curve = [(r["step"] + 1, r["val_loss"]) for r in log_records if r["run"] == "student" and "val_loss" in r]
-    report["steps_to_match"] = {name: next((n for n, v in curve if v <= report[name]["val_loss"]), None)
-                                for name in ("baseline", "baseline_flops_matched") if name in report}
-    return report
-
-
 def print_report(report: dict, models: dict, tok, prompt, args):
     """The comparison table, then what each model writes after the prompt (the same sampling for all)."""
     w = max(9, *map(len, models))  # the name column fits "baseline_flops_matched" when it is there
     print(f"\n{'model':<{w}} {'params':>8} {'val loss':>9} {'val ppl':>8} {'top1 agr':>9} {'KL(T||m)':>9} "
-          f"{'fwd tok/s':>10}")
+          f"{'gen KL':>7} {'facts':>6} {'fwd tok/s':>10}")
     for name in models:
         r = report[name]
+        facts = "-" if r["fact_accuracy"] is None else f"{r['fact_accuracy']:.1%}"
         print(f"{name:<{w}} {r['params'] / 1e6:>7.2f}M {r['val_loss']:>9.4f} {r['val_ppl']:>8.2f} "
-              f"{r['top1_agreement']:>9.3f} {r['kl_from_teacher']:>9.4f} {r['fwd_tok_s']:>10,.0f}")
+              f"{r['top1_agreement']:>9.3f} {r['kl_from_teacher']:>9.4f} {r['gen_kl']:>7.4f} {facts:>6} "
+              f"{r['fwd_tok_s']:>10,.0f}")
     if report.get("gap_closed") is not None:
         print(f"share of the teacher gap closed by distillation: {report['gap_closed']:.1%} "
               f"(baseline - student) / (baseline - teacher) in val loss")
@@ -172,7 +173,7 @@ def main():
     if args.cache_teacher_topk:
         cache = get_topk_cache(args, teacher, train_tokens, teacher_path(args), tok.sha256)
         teacher.to("meta")  # frees the weights (the config stays); the evaluation loads them again
-        teacher_flops = 0   # per step: the cache was paid for once
+        extra_flops = 0     # per token, beyond the student's training: the cache was paid for once
 
         def kd_batch(step):  # batch(step)'s windows, plus their cache rows (ids, logp, tail)
             return get_cached_batch(train_tokens, cache, step, args.batch_size, args.block_size, args.seed)
@@ -182,24 +183,32 @@ def main():
                                 args.skew), None
     else:
         kd_batch, teacher_fwd = batch, compiled(teacher, args.compile)
-        teacher_flops = teacher.flops_per_token(args.block_size, training=False)
+        # per token: the teacher's forward, and on on-policy steps the student's forward while it samples
+        extra_flops = (teacher.flops_per_token(args.block_size, training=False)
+                       + args.on_policy * student.flops_per_token(args.block_size, training=False))
+        if args.on_policy:  # on a share of the steps, the student's own continuations of the windows' starts
+            kd_batch = on_policy_batches(batch, student, args.on_policy, args.prompt_len, tok.eos_id, args.seed,
+                                         args.device, args.dtype)
 
-        def kd_term(x, labels, s_logits):
+        def kd_term(x, labels, s_logits, sampled=None):
             # inference_mode: no autograd bookkeeping and no kept activations for the frozen teacher
             with torch.inference_mode():
                 t_out = teacher_fwd(x, output_hidden_states=use_hidden, output_qkv=use_attn)
-            return kd_loss(s_logits, t_out["logits"], labels, args.divergence, args.temperature, args.jsd_beta,
+            kind = args.on_policy_divergence if sampled is not None and sampled[0] else args.divergence
+            return kd_loss(s_logits, t_out["logits"], labels, kind, args.temperature, args.jsd_beta,
                            args.skew, args.kd_chunk_size), t_out
 
     # ------------------------------------------------------------------------------------------------------
     # the loss: alpha * CE + (1 - alpha) * KD, plus the hidden-state and attention-relation terms
     student_fwd = compiled(student, args.compile)
 
-    def kd_step(x, labels, *cached):
+    def kd_step(x, labels, *extra):  # extra: the cache's rows (offline), or the on-policy flags
         s_out = student_fwd(x, output_hidden_states=use_hidden, output_qkv=use_attn)
         ce = cross_entropy(s_out["logits"], labels)
-        kd, t_out = kd_term(x, labels, s_out["logits"], *cached)
-        loss = args.alpha * ce + (1 - args.alpha) * kd
+        kd, t_out = kd_term(x, labels, s_out["logits"], *extra)
+        # The student's own samples have no ground truth to take CE against: on them, the divergence alone.
+        alpha = 0.0 if args.on_policy and extra[0][0] else args.alpha
+        loss = alpha * ce + (1 - alpha) * kd
         parts = {"ce": ce, "kd": kd}
         if use_hidden:
             s_states = [proj(s_out["hidden_states"][i]) for proj, (i, _) in zip(projector, pairs)]
@@ -221,9 +230,10 @@ def main():
         # Equal compute: a KD step also pays for the teacher's forward pass (none when offline). The losses'
         # own FLOPs are small next to the models' and are not counted.
         student_flops = student.flops_per_token(args.block_size)
-        steps["baseline_flops_matched"] = round(args.steps * (student_flops + teacher_flops) / student_flops)
+        steps["baseline_flops_matched"] = round(args.steps * (student_flops + extra_flops) / student_flops)
         print(f"FLOPs-matched baseline: {steps['baseline_flops_matched']} CE steps = {args.steps} KD steps x "
-              f"{(student_flops + teacher_flops) / student_flops:.2f} (student + teacher forward FLOPs / student's)")
+              f"{(student_flops + extra_flops) / student_flops:.2f} (student + teacher forward"
+              + (" + sampling" if args.on_policy else "") + " FLOPs / student's)")
     for name in list(steps)[1:]:
         model = models[name] = Transformer(student.config).to(args.device)
         model.load_state_dict(init_state)
@@ -234,7 +244,8 @@ def main():
     # evaluate: the same validation windows for all, against the teacher
     if args.cache_teacher_topk:  # offline KD freed the teacher's weights: back from its checkpoint
         teacher = models["teacher"] = get_teacher(args, tok, train_tokens, logger)
-    report = compare(models, teacher, val_batches, train_s, steps, logger.records, args.device, args.dtype)
+    report = whitebox_report(models, teacher, val_batches, logger.records, tok, train_s, steps, args.prompt_len,
+                             None if args.data else args.data_seed, args.device, args.dtype)
     report.update(wall_s=time.perf_counter() - t_start, args=vars(args))
     # The report is written before anything is printed, so that nothing after training can lose it.
     report_path, plot_path = out_dir / "whitebox_report.json", out_dir / "whitebox_loss.svg"

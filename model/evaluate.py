@@ -3,7 +3,9 @@ How good a model is, measured the same way for the teacher, the students and the
 - evaluate: validation loss and perplexity over fixed windows of the corpus and, against a teacher, top-1
   agreement and KL(teacher || model) over the same positions (white-box);
 - answer_perplexity: how well a model predicts answers, exp(mean CE) over the assistant tokens (black-box);
-- greedy_answers: what a model answers, greedy, for scoring the facts in it (model/world.py fact_accuracy).
+- greedy_answers: what a model answers, greedy, for scoring the facts in it (model/world.py fact_accuracy);
+- story_fact_accuracy: the share of the story world's facts a base model completes right (white-box);
+- whitebox_report: all of the above for the white-box script's models, and how the student compares.
 """
 
 import math
@@ -15,6 +17,8 @@ from model.answer import generate_answers
 from model.chat import sft_batch
 from model.common import autocast
 from model.losses import IGNORE_INDEX, cross_entropy, target_mask
+from model.on_policy import gen_kl
+from model.world import fact_accuracy, story_qa
 
 
 @torch.no_grad()
@@ -74,3 +78,41 @@ def greedy_answers(model, tok, prompts: list[str], *, max_new_tokens: int, batch
     the sentence it finishes (model/answer.py generate_answers)."""
     return generate_answers(model, tok, prompts, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens,
                             batch_size=batch_size, device=device, dtype=dtype, cloze=cloze)
+
+
+def story_fact_accuracy(model, tok, data_seed: int, device: str, dtype: str, batch_size: int = 64) -> float:
+    """The share of the story world's facts (every character's, each fact once) that the model finishes
+    right, greedy, through the fact's story cloze: "This is a story about Mia. Mia's home is in" ->
+    " Greenhill." (model/world.py StoryQuestion.cloze). The same facts the black-box task asks about: a
+    student that absorbed its teacher should know what the teacher knows."""
+    labelled, _ = story_qa(data_seed, heldout_fraction=0.0)
+    facts = list({(q.name, q.field): q for q in reversed(labelled)}.values())  # each fact's first question
+    asks = {q.question: q for q in facts}
+    answers = greedy_answers(model, tok, list(asks), max_new_tokens=16, batch_size=batch_size, device=device,
+                             dtype=dtype, cloze=lambda p: asks[p].cloze())
+    return fact_accuracy(facts, answers)["all"]
+
+
+def whitebox_report(models: dict, teacher, val_batches, log_records, tok, train_s: dict, steps: dict,
+                    prompt_len: int, data_seed, device: str, dtype: str) -> dict:
+    """The white-box report: each model's validation figures against the teacher (evaluate); its gen_kl,
+    on its own samples of the rest of the first 64 validation windows after their first prompt_len tokens
+    (fixed seed 0, so every model and every run is measured on the same prefixes); with data_seed (the
+    embedded data; None for a user's), the share of the story world's facts it completes; the share of the
+    teacher gap the student closed; and the steps the student took to match each baseline: its steps at its
+    first evaluation (read from the log records) at or below the baseline's final val loss, None if never."""
+    prefixes = torch.cat([x for x, _ in val_batches])[:64, :prompt_len]               # (64, P)
+    n_new = val_batches[0][0].size(1) - prompt_len
+    report = {name: {**evaluate(model, val_batches, device, dtype, teacher=teacher),
+                     "gen_kl": gen_kl(model, teacher, prefixes, n_new, tok.eos_id, 0, device, dtype),
+                     "fact_accuracy": None if data_seed is None else story_fact_accuracy(model, tok, data_seed,
+                                                                                         device, dtype),
+                     "params": model.num_params(), "train_s": train_s.get(name), "steps": steps.get(name)}
+              for name, model in models.items()}
+    if "baseline" in report:
+        l_t, l_s, l_b = (report[k]["val_loss"] for k in ("teacher", "student", "baseline"))
+        report["gap_closed"] = (l_b - l_s) / (l_b - l_t) if l_b != l_t else None
+    curve = [(r["step"] + 1, r["val_loss"]) for r in log_records if r["run"] == "student" and "val_loss" in r]
+    report["steps_to_match"] = {name: next((n for n, v in curve if v <= report[name]["val_loss"]), None)
+                                for name in ("baseline", "baseline_flops_matched") if name in report}
+    return report

@@ -40,7 +40,10 @@ def test_default_flow_writes_the_report(first_run):
     assert "pretraining one" in r.stdout, "a missing default teacher is pretrained, and the run says so"
     report = json.loads((out / "whitebox_report.json").read_text())
     for name in ("teacher", "student", "baseline"):
-        assert {"val_loss", "val_ppl", "top1_agreement", "kl_from_teacher", "params"} <= report[name].keys()
+        assert {"val_loss", "val_ppl", "top1_agreement", "kl_from_teacher", "gen_kl", "fact_accuracy",
+                "params"} <= report[name].keys()
+    assert report["teacher"]["gen_kl"] == 0.0, "the teacher's own writing is the teacher's: KL(T || T) = 0"
+    assert 0 <= report["student"]["fact_accuracy"] <= 1, "the embedded data: the story world's facts are scored"
     assert report["student"]["kl_from_teacher"] > 0, "the student is not the teacher: KL(T || student) > 0"
     assert "gap_closed" in report and report["wall_s"] > 0
     assert (out / "teacher.pt").is_file() and (out / "student.pt").is_file() and (out / "tokenizer.model").is_file()
@@ -135,6 +138,10 @@ def test_bad_inputs_give_one_line_errors(first_run, tmp_path, one_line_error, pa
     one_line_error(parse_in_process(whitebox, "--divergence", "kl"), "--divergence")
     one_line_error(parse_in_process(whitebox, "--steps", "0"), "--steps")
     one_line_error(parse_in_process(whitebox, "--no_such_flag"), "--no_such_flag")
+    one_line_error(parse_in_process(whitebox, "--on_policy", "1.5"), "--on_policy")
+    one_line_error(parse_in_process(whitebox, "--prompt_len", "128"), "--prompt_len")
+    one_line_error(parse_in_process(whitebox, "--on_policy", "0.5", "--cache_teacher_topk", "8"), "--on_policy",
+                   "--cache_teacher_topk")
 
 
 @pytest.mark.parametrize("skew", ["1.5", "1"])  # 1.5: a raw ValueError in math.log later; 1: KD silently 0
