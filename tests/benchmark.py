@@ -44,6 +44,7 @@ from model.checkpoint import load_checkpoint, model_from_checkpoint
 from model.common import atomic_write_bytes, autocast, pick_device
 from model.losses import cross_entropy, hidden_loss, kd_loss, layer_map, topk_kd_loss
 from model.model import ModelConfig, Transformer
+from model.on_policy import sample_batch
 from model.topk_cache import reconstruction_kl, teacher_topk
 from model.tokenizer import Tokenizer
 from model.train import make_optimizer
@@ -105,13 +106,21 @@ def make_step(kind: str, teacher, student, x, dtype: str, device: str):
     teacher_ctx = torch.no_grad if kind == "kd_no_grad" else torch.inference_mode
     hidden = kind == "kd"  # the full step: logits + hidden states; the others are logits only (the default)
     chunk = CHUNK if kind == "kd_chunked" else 0
+    gen = torch.Generator(device=device).manual_seed(0)
 
     def step():
+        xs, ls = x, labels
+        if kind == "on_policy":  # the student samples each window's second half (model/on_policy.py)
+            xs, ls = sample_batch(student, x[:, :T // 2], T, -1, gen, dtype)  # stop id -1: full length
         with autocast(device, dtype):
-            s_out = student(x, output_hidden_states=hidden)
-            loss = cross_entropy(s_out["logits"], labels)
+            s_out = student(xs, output_hidden_states=hidden)
+            loss = cross_entropy(s_out["logits"], ls)
             if kind == "offline":
-                loss = 0.1 * loss + 0.9 * topk_kd_loss(s_out["logits"], *cached, labels)
+                loss = 0.1 * loss + 0.9 * topk_kd_loss(s_out["logits"], *cached, ls)
+            elif kind == "on_policy":  # the divergence alone, the white-box script's default on own samples
+                with teacher_ctx():
+                    t_out = teacher(xs)
+                loss = kd_loss(s_out["logits"], t_out["logits"], ls, "reverse_kl")
             elif kind != "ce":
                 with teacher_ctx():
                     t_out = teacher(x, output_hidden_states=hidden)
@@ -123,7 +132,9 @@ def make_step(kind: str, teacher, student, x, dtype: str, device: str):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return step, f_train + (0 if kind in ("ce", "offline") else f_teacher)
+    # sampling: one student forward per token (prefill + KV-cache decode), counted like a forward pass
+    f_gen = student.flops_per_token(T, training=False) * n_tok if kind == "on_policy" else 0
+    return step, f_train + f_gen + (0 if kind in ("ce", "offline") else f_teacher)
 
 
 def plain_kd_step(teacher, student, x):
@@ -263,6 +274,7 @@ def plan(device: str, dtype: str, with_compile: bool):
             ("kd (logits+hidden)", dict(d, kind="kd")), ("kd (logits)", dict(d, kind="kd_logits")),
             (f"offline top-{TOPK}", dict(d, kind="offline")),
             ("kd (logits), teacher no_grad", dict(d, kind="kd_no_grad")),
+            ("on-policy (sample T/2, kd)", dict(d, kind="on_policy")),
             ("kd, plain PyTorch (reference)", dict(d, kind="kd_plain", dtype="fp32")),
             (f"kd (logits), chunked {CHUNK}", dict(d, kind="kd_chunked"))]
     if cpu:  # the bf16 fast path: few tokens, since each bf16 matmul is emulated on AVX2 CPUs
@@ -372,6 +384,10 @@ def check_targets(results, dtype: str) -> list:
     if kd and ce and tf:
         ratio = kd["ms"] / (ce["ms"] + tf["ms"])
         targets.append(("KD step <= 1.15 x (CE step + teacher forward)", f"{ratio:.2f} x", ratio <= 1.15))
+    onp = get("default", "on-policy (sample T/2, kd)")
+    if onp and kd_logits:
+        ratio = onp["ms"] / kd_logits["ms"]
+        targets.append(("on-policy step <= 3 x an off-policy KD step (logits)", f"{ratio:.2f} x", ratio <= 3))
     if off and kd_logits:
         speedup = off["tok_s"] / kd_logits["tok_s"]
         targets.append((f"offline top-{TOPK} step >= 1.5 x faster than online KD (logits)", f"{speedup:.2f} x",
