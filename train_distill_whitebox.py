@@ -30,7 +30,7 @@ from model.data import eval_batches, get_batch, load_corpus, tokenize_split
 from model.evaluate import evaluate, whitebox_report
 from model.losses import DIVERGENCES, attention_relation_loss, cross_entropy, hidden_loss, kd_loss, topk_kd_loss
 from model.model import Transformer, generate
-from model.on_policy import on_policy_batches
+from model.on_policy import add_on_policy_args, check_on_policy_args, on_policy_batches
 from model.student import init_from_teacher, new_student, parse_layer_map
 from model.teachers import get_teacher, teacher_path
 from model.plot import write_loss_plot
@@ -71,13 +71,7 @@ def parse_args():
                         "(out_dir/topk_kK), then train with no teacher in memory; 0 = online KD")
     p.add_argument("--kd_chunk_size", type=int, default=0,
                    help="online KD loss this many positions at a time (less memory at large V); 0 = all at once")
-    p.add_argument("--on_policy", type=float, default=0.0,
-                   help="GKD's lambda: the share of steps, drawn from (seed, step), whose batch the student "
-                        "samples itself from the windows' first --prompt_len tokens; 0 = off-policy KD only")
-    p.add_argument("--prompt_len", type=int, default=0,
-                   help="prompt tokens of an on-policy sample and of gen_kl's prefixes; 0 = half of --block_size")
-    p.add_argument("--on_policy_divergence", default="reverse_kl", choices=DIVERGENCES,
-                   help="D on on-policy batches (--divergence stays D on the corpus's batches)")
+    add_on_policy_args(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the student and teacher forwards")
     # optimization
     add_optim_args(p, steps=250, lr=1e-2, log_interval=50, eval_interval=25)
@@ -89,11 +83,7 @@ def parse_args():
         p.error("need 0 <= --alpha <= 1, --temperature > 0 and 0 <= --jsd_beta <= 1")
     if not 0 < args.skew < 1:  # 1 would make skew_kl KL(p || p) = 0; above 1, log(1 - skew) fails
         p.error(f"--skew {args.skew:g}: need 0 < --skew < 1")
-    args.prompt_len = args.prompt_len or args.block_size // 2
-    if not 0 <= args.on_policy <= 1 or not 0 < args.prompt_len < args.block_size:
-        p.error("need 0 <= --on_policy <= 1 and 0 < --prompt_len < --block_size")
-    if args.on_policy and args.cache_teacher_topk:
-        p.error("--on_policy needs the teacher online: the --cache_teacher_topk cache has only the corpus's text")
+    check_on_policy_args(p, args)
     if args.cache_teacher_topk and (args.hidden_weight > 0 or args.attn_weight > 0):
         p.error("--cache_teacher_topk caches logits only: add --attn_weight 0 (the attention term is on by default) "
                 "and --hidden_weight 0; both need the teacher online")
@@ -183,12 +173,12 @@ def main():
                                 args.skew), None
     else:
         kd_batch, teacher_fwd = batch, compiled(teacher, args.compile)
-        # per token: the teacher's forward, and on on-policy steps the student's forward while it samples
-        extra_flops = (teacher.flops_per_token(args.block_size, training=False)
-                       + args.on_policy * student.flops_per_token(args.block_size, training=False))
+        # per token: the teacher's forward, and on (the expected share of) on-policy steps the student's sampling
+        extra_flops = (teacher.flops_per_token(args.block_size, training=False) + args.on_policy
+                       * (1 - args.on_policy_start) * student.flops_per_token(args.block_size, training=False))
         if args.on_policy:  # on a share of the steps, the student's own continuations of the windows' starts
-            kd_batch = on_policy_batches(batch, student, args.on_policy, args.prompt_len, tok.eos_id, args.seed,
-                                         args.device, args.dtype)
+            kd_batch = on_policy_batches(batch, student, args.on_policy, round(args.on_policy_start * args.steps),
+                                         args.prompt_len, tok.eos_id, args.seed, args.device, args.dtype)
 
         def kd_term(x, labels, s_logits, sampled=None):
             # inference_mode: no autograd bookkeeping and no kept activations for the frozen teacher
@@ -227,13 +217,12 @@ def main():
                              aux=projector if use_hidden else None)
     steps = {"student": args.steps} | ({} if args.no_baseline else {"baseline": args.steps})
     if not args.no_flops_matched:
-        # Equal compute: a KD step also pays for the teacher's forward pass (none when offline). The losses'
-        # own FLOPs are small next to the models' and are not counted.
+        # Equal compute: a KD step also pays for the teacher's forward (none offline) and the student's sampling
+        # (on-policy). The losses' own FLOPs are small next to the models' and are not counted.
         student_flops = student.flops_per_token(args.block_size)
         steps["baseline_flops_matched"] = round(args.steps * (student_flops + extra_flops) / student_flops)
         print(f"FLOPs-matched baseline: {steps['baseline_flops_matched']} CE steps = {args.steps} KD steps x "
-              f"{(student_flops + extra_flops) / student_flops:.2f} (student + teacher forward"
-              + (" + sampling" if args.on_policy else "") + " FLOPs / student's)")
+              f"{(student_flops + extra_flops) / student_flops:.2f} (a KD step's FLOPs / a CE step's)")
     for name in list(steps)[1:]:
         model = models[name] = Transformer(student.config).to(args.device)
         model.load_state_dict(init_state)

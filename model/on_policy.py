@@ -4,6 +4,7 @@ On-policy ("dynamic") distillation: the student writes, the teacher grades every
 Off-policy KD trains the student only on the corpus's text, so it never sees the prefixes its own mistakes
 lead to (exposure bias). GKD (Agarwal et al., ICLR 2024) replaces a batch, with probability lambda, by
 sequences the student samples itself, and applies the divergence on them, token by token. Here:
+- add_on_policy_args / check_on_policy_args: the white-box script's flags for it;
 - on_policy_step: whether a step is on-policy, drawn from (seed, step) alone, so a resumed run (and any
   machine) makes the same choices;
 - on_policy_batches: train()'s batches for a run that mixes the two;
@@ -20,8 +21,30 @@ import random
 import torch
 
 from model.common import autocast
-from model.losses import IGNORE_INDEX, divergence, target_mask
+from model.losses import DIVERGENCES, IGNORE_INDEX, divergence, target_mask
 from model.model import generate
+
+
+def add_on_policy_args(parser):
+    """The white-box script's on-policy flags (GKD's lambda and where the student's samples start)."""
+    parser.add_argument("--on_policy", type=float, default=0.0,
+                        help="GKD's lambda: the share of steps, drawn from (seed, step), whose batch the student "
+                             "samples itself from the windows' first --prompt_len tokens; 0 = off-policy KD only")
+    parser.add_argument("--on_policy_start", type=float, default=0.0,
+                        help="share of --steps trained off-policy before on-policy steps start (0 = from the first)")
+    parser.add_argument("--prompt_len", type=int, default=0,
+                        help="prompt tokens of an on-policy sample and of gen_kl's prefixes; 0 = half of --block_size")
+    parser.add_argument("--on_policy_divergence", default="reverse_kl", choices=DIVERGENCES,
+                        help="D on on-policy batches (--divergence stays D on the corpus's batches)")
+
+
+def check_on_policy_args(parser, args):
+    """--prompt_len 0 -> half of --block_size; one-line errors for values out of range."""
+    args.prompt_len = args.prompt_len or args.block_size // 2
+    if not 0 <= args.on_policy <= 1 or not 0 <= args.on_policy_start < 1 or not 0 < args.prompt_len < args.block_size:
+        parser.error("need 0 <= --on_policy <= 1, 0 <= --on_policy_start < 1 and 0 < --prompt_len < --block_size")
+    if args.on_policy and args.cache_teacher_topk:
+        parser.error("--on_policy needs the teacher online: the --cache_teacher_topk cache has only the corpus's text")
 
 
 def on_policy_step(seed: int, step: int, p: float) -> bool:
@@ -30,14 +53,15 @@ def on_policy_step(seed: int, step: int, p: float) -> bool:
     return p > 0 and random.Random(f"on_policy:{seed}:{step}").random() < p
 
 
-def on_policy_batches(batch, student, p: float, prompt_len: int, stop_id: int, seed: int, device: str, dtype: str):
-    """train()'s batch_fn for on-policy KD: step -> batch(step) = (x, labels), or on a share p of the steps
-    (on_policy_step) the student's continuations of its windows' first prompt_len tokens, sampled with a
+def on_policy_batches(batch, student, p: float, start: int, prompt_len: int, stop_id: int, seed: int, device: str,
+                      dtype: str):
+    """train()'s batch_fn for on-policy KD: step -> batch(step) = (x, labels), or, from step `start` on, on a
+    share p of the steps (on_policy_step) the student's continuations of its windows' first prompt_len tokens, sampled with a
     generator seeded from (seed, step); plus a (B,) bool tensor, True on the student's own rows, that
     tells the loss which divergence (and no CE) to use."""
     def batch_fn(step):
         x, labels = batch(step)
-        sampled = on_policy_step(seed, step, p)
+        sampled = step >= start and on_policy_step(seed, step, p)
         if sampled:
             g = torch.Generator(device).manual_seed(seed * 1_000_003 + step)
             x, labels = sample_batch(student, x[:, :prompt_len].to(device), x.size(1), stop_id, g, dtype)
