@@ -233,7 +233,7 @@ def main():
     # evaluate: the same validation windows for all, against the teacher
     if args.cache_teacher_topk:  # offline KD freed the teacher's weights: back from its checkpoint
         teacher = models["teacher"] = get_teacher(args, tok, train_tokens, logger)
-    report = whitebox_report(models, teacher, val_batches, logger.records, tok, train_s, steps, args.prompt_len,
+    report = whitebox_report(models, teacher, val_batches, logger.records, tok, train_s, steps,
                              None if args.data else args.data_seed, args.device, args.dtype)
     report.update(wall_s=time.perf_counter() - t_start, args=vars(args))
     # The report is written before anything is printed, so that nothing after training can lose it.

@@ -33,7 +33,8 @@ def add_on_policy_args(parser):
     parser.add_argument("--on_policy_start", type=float, default=0.0,
                         help="share of --steps trained off-policy before on-policy steps start (0 = from the first)")
     parser.add_argument("--prompt_len", type=int, default=0,
-                        help="prompt tokens of an on-policy sample and of gen_kl's prefixes; 0 = half of --block_size")
+                        help="prompt tokens of an on-policy sample (the student writes the rest); 0 = half of "
+                             "--block_size")
     parser.add_argument("--on_policy_divergence", default="reverse_kl", choices=DIVERGENCES,
                         help="D on on-policy batches (--divergence stays D on the corpus's batches)")
 
@@ -56,9 +57,9 @@ def on_policy_step(seed: int, step: int, p: float) -> bool:
 def on_policy_batches(batch, student, p: float, start: int, prompt_len: int, stop_id: int, seed: int, device: str,
                       dtype: str):
     """train()'s batch_fn for on-policy KD: step -> batch(step) = (x, labels), or, from step `start` on, on a
-    share p of the steps (on_policy_step) the student's continuations of its windows' first prompt_len tokens, sampled with a
-    generator seeded from (seed, step); plus a (B,) bool tensor, True on the student's own rows, that
-    tells the loss which divergence (and no CE) to use."""
+    share p of the steps (on_policy_step) the student's continuations of its windows' first prompt_len
+    tokens, sampled with a generator seeded from (seed, step); plus a (B,) bool tensor, True on the
+    student's own rows, that tells the loss which divergence (and no CE) to use."""
     def batch_fn(step):
         x, labels = batch(step)
         sampled = step >= start and on_policy_step(seed, step, p)
