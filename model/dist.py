@@ -10,7 +10,7 @@ WORLD_SIZE in the environment) every function here is a no-op and a run is exact
   per optimizer step, after the last micro-batch. So N ranks x B/N rows step exactly like one process x B.
 - Only rank 0 writes (checkpoints, logs, reports). A one-time file (the tokenizer, the top-k cache, the
   teacher's answers) is built inside main_first(): rank 0 builds it while the others wait, then they find it
-  built and read it.
+  built and read it. A missing teacher is pretrained by all ranks, like a student (model/teachers.py).
 """
 
 import os
@@ -40,15 +40,18 @@ def is_main() -> bool:
 def init(device: str) -> str:
     """Join the torchrun job, if there is one, and return the device this rank trains on: cuda:LOCAL_RANK
     for a CUDA device (one GPU per rank), else `device` itself (the CPU: model/cli.py resolve_device turns
-    away MPS, which neither backend serves). The timeout is 2 h, not gloo's 30 min default,
-    because the ranks wait at a barrier while rank 0 alone builds a top-k cache or the teacher's answers (or
-    writes the final report), which can take longer than that on a CPU."""
+    away MPS, which neither backend serves). The timeout is 2 h, not the default (gloo's 30 min, NCCL's
+    10), because the ranks wait at a barrier while rank 0 alone builds a top-k cache or the teacher's
+    answers, or writes the final report, which can take longer than that on a CPU."""
     if world_size() == 1:
         return device
     if device.startswith("cuda"):
         device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(device)
-    td.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(hours=2))
+        # NCCL bound to this rank's GPU, so that its barriers know which device to use
+        td.init_process_group("nccl", timeout=timedelta(hours=2), device_id=torch.device(device))
+    else:
+        td.init_process_group("gloo", timeout=timedelta(hours=2))
     if not is_main():
         sys.stdout = open(os.devnull, "w")  # open for the life of the process
     return device
