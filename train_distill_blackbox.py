@@ -31,6 +31,7 @@ import random
 import time
 from pathlib import Path
 
+from model import dist
 from model.chat import qa_conversation, sample_examples, sft_batch, sft_examples
 from model.cli import (add_data_args, add_optim_args, add_student_args, add_teacher_args, check_optim_args,
                        resolve_device)
@@ -216,6 +217,9 @@ def main():
 
     # ------------------------------------------------------------------------------------------------------
     # score: the facts in the answers to the held-out questions, perplexity on held-out teacher answers
+    # (under torchrun, rank 0 alone)
+    if not dist.is_main():
+        return
     report, answers = {}, {}
     for name in ("teacher", "student", "baseline"):
         if name in models or name == "teacher":  # a file or API teacher is scored on the answers it wrote

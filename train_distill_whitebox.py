@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from model import dist
 from model.cli import (add_data_args, add_optim_args, add_student_args, add_teacher_args, check_optim_args,
                        resolve_device)
 from model.common import ArgumentParser, UserError, atomic_write_bytes, compiled, run_main
@@ -230,7 +231,9 @@ def main():
                             val_batches, logger, tok)
 
     # ------------------------------------------------------------------------------------------------------
-    # evaluate: the same validation windows for all, against the teacher
+    # evaluate: the same validation windows for all, against the teacher (under torchrun, rank 0 alone)
+    if not dist.is_main():
+        return
     if args.cache_teacher_topk:  # offline KD freed the teacher's weights: back from its checkpoint
         teacher = models["teacher"] = get_teacher(args, tok, train_tokens, logger)
     report = whitebox_report(models, teacher, val_batches, logger.records, tok, train_s, steps,

@@ -6,7 +6,8 @@ pretraining; the training loop. Also where --device/--dtype auto become what thi
 
 from pathlib import Path
 
-from model.common import pick_device, pick_dtype
+from model import dist
+from model.common import UserError, pick_device, pick_dtype
 
 
 def add_data_args(parser):
@@ -35,10 +36,15 @@ def add_student_args(parser):
 
 
 def resolve_device(args):
-    """--device and --dtype auto -> this machine's, written back into args (the reports record them)."""
-    args.device = pick_device(args.device)
+    """--device and --dtype auto -> this machine's, written back into args (the reports record them). Under
+    torchrun this joins the job first (model/dist.py): each rank gets its own GPU, or the CPU."""
+    device = pick_device(args.device)
+    if dist.world_size() > 1 and not (device == "cpu" or device.startswith("cuda")):
+        raise UserError(f"--device {device}: under torchrun, use cuda (NCCL) or cpu (gloo)")
+    args.device = dist.init(device)
     args.dtype = pick_dtype(args.dtype, args.device)
-    print(f"device {args.device} | dtype {args.dtype} | out_dir {Path(args.out_dir)}")
+    print(f"device {args.device} | dtype {args.dtype} | out_dir {Path(args.out_dir)}"
+          + (f" | {dist.world_size()} ranks (torchrun)" if dist.world_size() > 1 else ""))
 
 
 TEACHER_FLAGS = ("teacher_layers", "teacher_dim", "teacher_heads", "teacher_kv_heads", "teacher_steps", "teacher_lr",
@@ -66,7 +72,8 @@ def add_optim_args(parser, *, steps: int, lr: float, log_interval: int, eval_int
     parser.add_argument("--seed", type=int, default=1337, help="seed of the inits, the batch order and sampling")
     parser.add_argument("--steps", type=int, default=steps, help="student (and baseline) optimizer steps")
     parser.add_argument("--batch_size", type=int, default=16,
-                        help="sequences per optimizer step (also the teacher's pretraining batch)")
+                        help="sequences per optimizer step, over all torchrun ranks (also the teacher's "
+                             "pretraining batch)")
     parser.add_argument("--grad_accum", type=int, default=1, help="micro-batches per step (batch_size splits)")
     parser.add_argument("--block_size", type=int, default=128,
                         help="sequence length T (also the teacher's pretraining T)")
@@ -83,10 +90,12 @@ def add_optim_args(parser, *, steps: int, lr: float, log_interval: int, eval_int
 
 def check_optim_args(parser, args):
     """Reject step counts and intervals below 1 and a batch that does not split into --grad_accum
-    micro-batches."""
+    micro-batches (on each of torchrun's ranks)."""
     for flag in ("steps", "batch_size", "grad_accum", "block_size", "teacher_steps", "log_interval",
                  "eval_interval", "ckpt_interval"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1")
-    if args.batch_size % args.grad_accum:
-        parser.error(f"--batch_size {args.batch_size} must be a multiple of --grad_accum {args.grad_accum}")
+    n = dist.world_size()  # under torchrun the batch is split across the ranks, then into micro-batches
+    if args.batch_size % (args.grad_accum * n):
+        parser.error(f"--batch_size {args.batch_size} must be a multiple of --grad_accum {args.grad_accum}"
+                     + (f" x {n} torchrun processes" if n > 1 else ""))

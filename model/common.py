@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from model import dist
+
 
 class UserError(Exception):
     """Bad input from the user (a missing file, a malformed line, a mismatched checkpoint). The scripts
@@ -21,13 +23,19 @@ class UserError(Exception):
 
 
 def run_main(main):
-    """Run a script's main(), turning a UserError or Ctrl-C into a one-line message and a non-zero exit."""
+    """Run a script's main(), turning a UserError or Ctrl-C into a one-line message and a non-zero exit.
+    Under torchrun the ranks then leave the job together: after a barrier (the others wait there while rank 0
+    writes the report), or, after an error, at once (a rank that exits with an error makes torchrun stop
+    the others, so no rank waits for it forever)."""
     try:
         main()
+        dist.barrier()
     except UserError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted (checkpoints and data files are written atomically; nothing half-written)")
+    finally:
+        dist.cleanup()
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from model import dist
 from model.answer import generate_answers
 from model.api_client import api_answers
 from model.checkpoint import load_checkpoint, model_from_checkpoint
@@ -40,8 +41,10 @@ def teacher_path(args) -> Path:
 
 def get_teacher(args, tok, train_tokens, logger: Logger) -> Transformer:
     """Load the teacher in eval mode with frozen weights: a checkpoint, or a Hugging Face Llama folder
-    (model/hf.py). If --teacher was not given and <out_dir>/teacher.pt is missing, pretrain one first and save it there; if it is there, it must have been
-    pretrained with this run's --teacher_* flags."""
+    (model/hf.py). If --teacher was not given and <out_dir>/teacher.pt is missing, pretrain one first and
+    save it there; if it is there, it must have been pretrained with this run's --teacher_* flags. Under
+    torchrun every rank pretrains it, on its share of each batch, like a student; rank 0 saves it, and all
+    load it from there."""
     path = teacher_path(args)
     if args.teacher is None and not path.is_file():
         print(f"no teacher at {path}: pretraining one ({args.teacher_layers} layers, C={args.teacher_dim}, "
@@ -59,7 +62,9 @@ def get_teacher(args, tok, train_tokens, logger: Logger) -> Transformer:
         train(teacher, ce_loss(teacher), teacher_batch,
               TrainConfig.from_args(args, steps=args.teacher_steps, lr=args.teacher_lr), name="teacher",
               ckpt_path=ckpt_tmp, logger=logger, saved_args=args, tokenizer_sha256=tok.sha256)
-        ckpt_tmp.rename(path)
+        if dist.is_main():
+            ckpt_tmp.rename(path)
+        dist.barrier()  # before the other ranks read it
     if path.is_dir():  # a Hugging Face Llama folder; tok is its tokenizer.model (model/tokenizer.py)
         teacher = load_folder(path, tok).to(args.device).eval()
     else:
@@ -255,30 +260,34 @@ def teacher_answers(args, tok, docs, questions: list, logger: Logger):
         conversations = read_conversations(args.teacher_data, "--teacher_data")
         print(f"teacher data {args.teacher_data}: {len(conversations)} conversations")
         return conversations, f"data:{args.teacher_data}", None
-    cache = AnswerCache(args.cache or Path(args.out_dir) / "teacher_answers.jsonl")
     asks, teacher = {q.question: q for q in questions}, None
     prompts = list(asks)
-    if args.teacher_api:
-        source = f"api:{args.teacher_api} model {args.teacher_model}"
-        prompts = read_prompts(args.prompts) if args.prompts else prompts
-        api_answers(prompts, cache, url=args.teacher_api, model=args.teacher_model, n_samples=args.n_samples,
-                    temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_new_tokens,
-                    concurrency=args.api_concurrency, timeout=args.api_timeout, retries=args.api_retries)
-    else:
+    if not args.teacher_api:  # before main_first: under torchrun all ranks pretrain a missing teacher together
         train_tokens, _ = tokenize_split(docs, tok, args.block_size, args.val_fraction)
         teacher, path = get_teacher(args, tok, train_tokens, logger), teacher_path(args)
-        source = f"local:{path}"
-        if len(cache) and cache.path.stat().st_mtime < path.stat().st_mtime:
-            # The cache records prompts and answers, not who wrote them: answers from an earlier teacher
-            # (or an earlier cloze) would be reused as they are.
-            print(f"note: {cache.path} holds {len(cache)} answers written before {path} was: they may "
-                  f"come from an earlier teacher and are reused as they are; delete it to regenerate them")
-        t0 = time.perf_counter()
-        n_new = local_answers(teacher, tok, prompts, cache, n_samples=args.n_samples,
-                              temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                              batch_size=args.gen_batch_size, device=args.device, dtype=args.dtype,
-                              seed=args.seed, cloze=lambda p: asks[p].cloze())
-        print(f"teacher answers: {n_new} new in {time.perf_counter() - t0:.1f} s -> {cache.path}")
+    with dist.main_first():  # torchrun: rank 0 writes the missing answers, the others then find them cached
+        cache = AnswerCache(args.cache or Path(args.out_dir) / "teacher_answers.jsonl")
+        if args.teacher_api:
+            source = f"api:{args.teacher_api} model {args.teacher_model}"
+            prompts = read_prompts(args.prompts) if args.prompts else prompts
+            api_answers(prompts, cache, url=args.teacher_api, model=args.teacher_model,
+                        n_samples=args.n_samples, temperature=args.temperature, top_p=args.top_p,
+                        max_tokens=args.max_new_tokens, concurrency=args.api_concurrency,
+                        timeout=args.api_timeout, retries=args.api_retries)
+        else:
+            source = f"local:{path}"
+            if len(cache) and cache.path.stat().st_mtime < path.stat().st_mtime:
+                # The cache records prompts and answers, not who wrote them: answers from an earlier teacher
+                # (or an earlier cloze) would be reused as they are.
+                print(f"note: {cache.path} holds {len(cache)} answers written before {path} was: they may "
+                      f"come from an earlier teacher and are reused as they are; delete it to regenerate them")
+            t0 = time.perf_counter()
+            n_new = local_answers(teacher, tok, prompts, cache, n_samples=args.n_samples,
+                                  temperature=args.temperature, top_p=args.top_p,
+                                  max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch_size,
+                                  device=args.device, dtype=args.dtype, seed=args.seed,
+                                  cloze=lambda p: asks[p].cloze())
+            print(f"teacher answers: {n_new} new in {time.perf_counter() - t0:.1f} s -> {cache.path}")
     wanted, conversations = {p: args.n_samples for p in prompts}, []
     for conv in cache.conversations():
         prompt, sentence = (m["content"] for m in conv)

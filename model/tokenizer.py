@@ -19,6 +19,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from model import dist
 from model.common import UserError, atomic_write_bytes
 from model.chat import chat_text
 
@@ -92,14 +93,16 @@ def train_tokenizer(texts, path, vocab_size: int) -> Tokenizer:
 def get_tokenizer(out_dir, docs, vocab_size: int, teacher=None) -> Tokenizer:
     """<out_dir>/tokenizer.model if it exists (the teacher was trained with it), else train one on docs
     (documents as model.data.load_corpus returns them: texts or conversations). A Hugging Face teacher
-    folder (--teacher DIR) brings its own: see folder_tokenizer."""
+    folder (--teacher DIR) brings its own: see folder_tokenizer. Under torchrun rank 0 trains or copies it,
+    and the other ranks then read it."""
     path = Path(out_dir) / "tokenizer.model"
-    if teacher is not None and Path(teacher).is_dir():
-        return folder_tokenizer(Path(teacher), path)
-    if path.is_file():
-        return Tokenizer(path)
-    print(f"training a {vocab_size}-piece BPE tokenizer -> {path}")
-    return train_tokenizer((d if isinstance(d, str) else chat_text(d) for d in docs), path, vocab_size)
+    with dist.main_first():
+        if teacher is not None and Path(teacher).is_dir():
+            return folder_tokenizer(Path(teacher), path)
+        if path.is_file():
+            return Tokenizer(path)
+        print(f"training a {vocab_size}-piece BPE tokenizer -> {path}")
+        return train_tokenizer((d if isinstance(d, str) else chat_text(d) for d in docs), path, vocab_size)
 
 
 def folder_tokenizer(folder: Path, path: Path) -> Tokenizer:

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model import dist
 from model.common import UserError, atomic_write_bytes, autocast
 from model.data import get_batch
 
@@ -93,7 +94,8 @@ def open_cache(folder):
 
 def get_topk_cache(args, teacher, tokens: np.ndarray, teacher_path, tokenizer_sha256: str):
     """The cache for args.cache_teacher_topk and this run's windows: reused when its meta.json describes the
-    same windows and teacher (and at least as many steps), else built."""
+    same windows and teacher (and at least as many steps), else built: under torchrun by rank 0, while the
+    other ranks wait to reuse it."""
     k, V = args.cache_teacher_topk, teacher.config.vocab_size
     if not 1 <= k <= V:
         raise UserError(f"--cache_teacher_topk {k}: must be between 1 and the vocabulary size {V}")
@@ -103,15 +105,16 @@ def get_topk_cache(args, teacher, tokens: np.ndarray, teacher_path, tokenizer_sh
             "vocab_size": V, "temperature": args.temperature, "seed": args.seed, "batch_size": args.batch_size,
             "block_size": args.block_size, "dtype": args.dtype, "steps": args.steps}
     meta_path = folder / "meta.json"
-    old = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    if {**old, "steps": args.steps} == meta and old["steps"] >= args.steps:
-        print(f"top-{k} teacher cache: reusing {folder} ({old['steps']} steps of windows)")
-    else:
-        print(f"top-{k} teacher cache: running the teacher over the {args.steps} x {args.batch_size} training "
-              f"windows -> {folder}")
-        build_cache(folder, teacher, tokens, k=k, temperature=args.temperature, steps=args.steps,
-                    batch_size=args.batch_size, block_size=args.block_size, seed=args.seed, device=args.device,
-                    dtype=args.dtype, meta=meta)
+    with dist.main_first():
+        old = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        if {**old, "steps": args.steps} == meta and old["steps"] >= args.steps:
+            print(f"top-{k} teacher cache: reusing {folder} ({old['steps']} steps of windows)")
+        else:
+            print(f"top-{k} teacher cache: running the teacher over the {args.steps} x {args.batch_size} "
+                  f"training windows -> {folder}")
+            build_cache(folder, teacher, tokens, k=k, temperature=args.temperature, steps=args.steps,
+                        batch_size=args.batch_size, block_size=args.block_size, seed=args.seed,
+                        device=args.device, dtype=args.dtype, meta=meta)
     cache = open_cache(folder)
     print(f"top-{k} teacher cache: {bytes_per_position(cache):.0f} bytes/position, "
           f"{sum(a.nbytes for a in cache.values()) / 1e6:.1f} MB")

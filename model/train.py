@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from model import dist
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.common import autocast, format_time
 from model.losses import cross_entropy, target_mask
@@ -64,7 +65,8 @@ class TrainConfig:
 
 class Logger:
     """Prints one fixed-format line per interval and appends the same figures to a JSONL file. This run's
-    records also stay in memory (the file may hold earlier runs' too), e.g. to find when a loss was reached."""
+    records also stay in memory (the file may hold earlier runs' too), e.g. to find when a loss was reached.
+    Under torchrun only rank 0 logs."""
 
     def __init__(self, path):
         self.path = Path(path)
@@ -72,6 +74,8 @@ class Logger:
         self.records = []
 
     def log(self, line: str, record: dict):
+        if not dist.is_main():
+            return
         print(line, flush=True)
         self.records.append(record)
         with open(self.path, "a", encoding="utf-8") as f:
@@ -106,7 +110,15 @@ def train(model, loss_fn, batch_fn, cfg: TrainConfig, *, name: str, ckpt_path, l
     With cfg.dtype fp16 the loss is scaled before each backward (torch.amp.GradScaler): fp16's smallest
     number is 6e-8, and the per-logit gradients of a mean over thousands of positions fall below it and
     become 0. The scale (2^16 at first) is halved, and the step skipped, whenever the scaled gradients
-    overflow. bf16 has fp32's range and needs no scaling: for fp32 and bf16 the scaler is off, a no-op."""
+    overflow. bf16 has fp32's range and needs no scaling: for fp32 and bf16 the scaler is off, a no-op.
+    Under torchrun (model/dist.py) every rank draws the whole batch and trains on its rows; n_total counts
+    the whole batch's targets, so each rank's weighted losses are its share of the whole batch's mean, and
+    summing the gradients over the ranks gives that mean's gradient. They are summed once per optimizer step,
+    after the last micro-batch, by one all-reduce of all gradients (model and aux alike), where DDP would
+    sync in the backward of the last micro-batch (no_sync() before it): no DDP wrapper, so the loss_fn
+    closures keep calling the plain model, or its torch.compile wrapper. The teacher is not in `params`, so
+    it is never synced. Only rank 0 evaluates, logs and writes checkpoints; the logged figures are the whole
+    batch's (summed over the ranks at log steps only)."""
     steps, lr = cfg.steps, cfg.lr
     params = list(model.parameters()) + (list(aux.parameters()) if aux is not None else [])
     optimizer = make_optimizer(params, lr, cfg.weight_decay, cfg.device)
@@ -122,21 +134,24 @@ def train(model, loss_fn, batch_fn, cfg: TrainConfig, *, name: str, ckpt_path, l
             scaler.load_state_dict(ckpt["scaler"])
         start = ckpt["step"]
         print(f"[{name}] resumed from {ckpt_path} at step {start}")
+    dist.broadcast_(params)  # every rank starts from rank 0's weights
     model.train()
     sums, n_logged, t_log, t_start = {}, 0, time.perf_counter(), time.perf_counter()
     for step in range(start, steps):
         cur_lr = lr_at(step, steps, lr, cfg.warmup_steps, lr * cfg.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = cur_lr
-        batch = [t.to(cfg.device) for t in batch_fn(step)]  # x, labels, then any per-position extras
+        batch = batch_fn(step)  # the whole batch: x, labels, then any per-position extras
         x, labels = batch[0], batch[1]
-        n_total = target_mask(labels).sum().clamp_min(1)
+        n_total = target_mask(labels).sum().clamp_min(1).to(cfg.device)  # of all ranks' rows
+        batch = [dist.shard(t).to(cfg.device) for t in batch]  # this rank's rows
         for xm, lm, *extra in zip(*(t.chunk(cfg.grad_accum) for t in batch)):
             with autocast(cfg.device, cfg.dtype):
                 loss, parts = loss_fn(xm, lm, *extra)
             scaler.scale(loss * target_mask(lm).sum() / n_total).backward()
             for k, v in parts.items():  # detached running sums: no host sync until a log step
                 sums[k] = sums.get(k, 0.0) + v.detach() * target_mask(lm).sum() / n_total
+        dist.all_reduce_grads(params)  # torchrun: the sum over the ranks, once per step
         scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         scaler.step(optimizer)  # skipped if the scaled gradients overflowed (inf/nan)
@@ -147,6 +162,8 @@ def train(model, loss_fn, batch_fn, cfg: TrainConfig, *, name: str, ckpt_path, l
         # Evaluation has its own interval; an eval step also writes a log line, so its metrics are logged.
         evaluate_now = eval_fn is not None and (step % cfg.eval_interval == 0 or last) and step > start
         if step % cfg.log_interval == 0 or last or evaluate_now:
+            # torchrun: each rank's sums are its rows' share of the whole batch's figures
+            sums = dict(zip(sums, dist.all_reduce_sum(list(sums.values()))))
             figures = {k: (v / n_logged).item() for k, v in sums.items()}  # .item() syncs only here
             dt = (time.perf_counter() - t_log) / n_logged
             tokens_per_step = x.numel()
@@ -158,14 +175,14 @@ def train(model, loss_fn, batch_fn, cfg: TrainConfig, *, name: str, ckpt_path, l
                     + f" | {tokens_per_step / dt / 1000:.1f}k tok/s | eta {format_time(eta)}")
             record = {"run": name, "step": step, **figures, "lr": cur_lr, "ms": dt * 1000,
                       "tok_s": tokens_per_step / dt}
-            if evaluate_now:
+            if evaluate_now and dist.is_main():  # rank 0 alone evaluates; the others wait at the next sync
                 metrics = eval_fn()
                 model.train()
                 line += " | " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
                 record.update(metrics)
             logger.log(line, record)
             sums, n_logged, t_log = {}, 0, time.perf_counter()
-        if (step + 1) % cfg.ckpt_interval == 0 or last:
+        if ((step + 1) % cfg.ckpt_interval == 0 or last) and dist.is_main():
             save_checkpoint(ckpt_path, model, optimizer, saved_args, step + 1, tokenizer_sha256, aux, scaler)
     model.eval()
     return time.perf_counter() - t_start
