@@ -34,12 +34,15 @@ def cross_entropy(logits, labels, weights=None):
     weights (B, T), aligned with labels like the labels are (w_t weighs the target token t+1), default 1.
     The sum is divided by N, not by sum w_t, so an up-weighted token counts w times and a batch split into
     micro-batches weighted by their share of real positions still gives the whole batch's loss."""
-    logits, targets = logits[:, :-1], labels[:, 1:]                                  # (B, T-1, V), (B, T-1)
+    # The shift moves the targets, not the logits: row t of the logits is scored against token t+1, and the
+    # last row, which has no next token, against IGNORE_INDEX. Slicing the logits to [:, :-1] instead would
+    # copy all (B, T-1, V) of them, and copy the gradient back into a (B, T, V) of zeros in the backward.
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)                       # (B, T)
     n = (targets != IGNORE_INDEX).sum().clamp_min(1)
     per_pos = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
-                              ignore_index=IGNORE_INDEX, reduction="none")           # (B*(T-1),), 0 if ignored
+                              ignore_index=IGNORE_INDEX, reduction="none")           # (B*T,), 0 if ignored
     if weights is not None:
-        per_pos = per_pos * weights[:, 1:].flatten().float()
+        per_pos = per_pos * F.pad(weights[:, 1:].float(), (0, 1)).flatten()
     return per_pos.sum() / n
 
 
