@@ -113,14 +113,59 @@ def kd_loss(student_logits, teacher_logits, labels, kind: str = "forward_kl", te
     itself shrinks as 1/T, but TV's is (1/T) J^T sign(q - p) / 2 (J the softmax Jacobian), and a sign does
     not shrink as p and q get closer, so it falls only as 1/T; T^2 would make it grow with T.
     Logits (B, T, V) are shifted like CE and averaged over the N real target positions.
-    chunk_size > 0 computes the same loss chunk_size positions at a time (see ChunkedKD)."""
+    chunk_size > 0 computes the same loss chunk_size positions at a time (see ChunkedKD); forward KL, the
+    default, has a fused path with its gradient in closed form (ForwardKL)."""
     if chunk_size > 0 and student_logits.requires_grad:
         return ChunkedKD.apply(student_logits, teacher_logits, labels, kind, temperature, beta, skew, chunk_size)
+    if kind == "forward_kl":
+        return ForwardKL.apply(student_logits, teacher_logits, labels, temperature)
     mask = target_mask(labels)                                                       # (B, T-1)
     s = student_logits[:, :-1][mask].float() / temperature                           # (N, V)
     t = teacher_logits[:, :-1][mask].float() / temperature                           # (N, V)
     d = divergence(t.log_softmax(-1), s.log_softmax(-1), kind, beta, skew)           # (N,)
     return kd_scale(kind, temperature) * d.sum() / mask.sum().clamp_min(1)
+
+
+class ForwardKL(torch.autograd.Function):
+    """kd_loss for forward KL, fused: the same loss, T^2 * 1/N sum_t KL(p_t || q_t), with its gradient in
+    closed form instead of autograd through two log-softmaxes:
+        d loss / d z_S = T * (q - p) / N        at each real target position, 0 elsewhere
+    (the KL's gradient with respect to the softened logits z_S / T is q - p; the chain rule gives 1/T;
+    with tokens the student rules out, see backward).
+    Why: at the default sizes the autograd version of this loss cost more than the teacher's whole
+    lm_head. It read and wrote (B, T, V) fp32 tensors about 25 times: the shifted, masked copies of both
+    logits, p and q, the difference, the product, and in the backward the log-softmax's and the index's
+    gradients. Here, each of the forward's steps works on (B, T, V) in place where it can, and the backward
+    turns the saved q into the gradient in place. The shift and the mask are a per-row weight (0 for the
+    last position and for ignored targets) instead of a copy of the real rows. Log-probs are clamped at
+    EMPTY as in divergence(), so ruled-out tokens (logit -inf) give the same finite values. Extra memory:
+    q and p, which autograd would also have kept."""
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, labels, temperature):
+        B, T, V = student_logits.shape
+        w = torch.zeros(B, T, 1, device=labels.device)                               # (B, T, 1) row weights
+        w[:, :-1, 0] = target_mask(labels)  # row t predicts token t+1: the last row has none
+        n = w.sum().clamp_min(1)
+        t_logp = (teacher_logits.float() / temperature).log_softmax(-1).clamp_min_(EMPTY)   # (B, T, V)
+        s_logp = (student_logits.float() / temperature).log_softmax(-1)
+        kept = s_logp > EMPTY  # False where the student rules a token out: no gradient through its logit
+        s_logp.clamp_min_(EMPTY)
+        p = t_logp.exp()
+        kl = t_logp.sub_(s_logp).mul_(p).sum(-1, keepdim=True)                       # (B, T, 1)
+        p.mul_(kept)
+        q = s_logp.exp_()
+        ctx.save_for_backward(q, p, p.sum(-1, keepdim=True), w * (temperature / n))
+        ctx.logits_dtype = student_logits.dtype
+        return temperature ** 2 * (kl * w).sum() / n
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, p, p_kept, w = ctx.saved_tensors
+        # The clamp passes no gradient where it cut, so the log-softmax's backward sees -p only on kept tokens:
+        # the KL's gradient in z_S / T is q * sum_kept p - p * kept, which is q - p when nothing is ruled out.
+        # In place, like ChunkedKD: a backward without retain_graph runs once, so q can become the gradient.
+        return q.mul_(p_kept).sub_(p).mul_(w * grad_out).to(ctx.logits_dtype), None, None, None
 
 
 class ChunkedKD(torch.autograd.Function):
