@@ -23,8 +23,8 @@ def add_data_args(parser):
     parser.add_argument("--out_dir", default="out", help="tokenizer, checkpoints, caches, logs and reports go here")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                        help="autocast dtype (fp16 trains with loss scaling); auto = bf16 on CUDA, and on a CPU with native "
-                             "bf16 (AVX512-BF16/AMX) for a student of --n_embd >= 128; else fp32")
+                        help="autocast dtype (fp16 trains with loss scaling); auto = bf16 on CUDA, and on a CPU "
+                             "with native bf16 (AVX512-BF16/AMX) for a student of --n_embd >= 128; else fp32")
 
 
 def add_student_args(parser):

@@ -132,14 +132,14 @@ class ForwardKL(torch.autograd.Function):
         d loss / d z_S = T * (q - p) / N        at each real target position, 0 elsewhere
     (the KL's gradient with respect to the softened logits z_S / T is q - p; the chain rule gives 1/T;
     with tokens the student rules out, see backward).
-    Why: at the default sizes the autograd version of this loss cost more than the teacher's whole
-    lm_head. It read and wrote (B, T, V) fp32 tensors about 25 times: the shifted, masked copies of both
-    logits, p and q, the difference, the product, and in the backward the log-softmax's and the index's
-    gradients. Here, each of the forward's steps works on (B, T, V) in place where it can, and the backward
-    turns the saved q into the gradient in place. The shift and the mask are a per-row weight (0 for the
-    last position and for ignored targets) instead of a copy of the real rows. Log-probs are clamped at
-    EMPTY as in divergence(), so ruled-out tokens (logit -inf) give the same finite values. Extra memory:
-    q and p, which autograd would also have kept."""
+    Why: at the default sizes the autograd version of this loss, with CE, took 94-118 ms of a 460 ms KD
+    step (1 thread; 35-65 ms fused, docs/performance.md). It read and wrote (B, T, V) fp32 tensors about 25
+    times: the shifted, masked copies of both logits, p and q, the difference, the product, and in the
+    backward the log-softmax's and the index's gradients. Here, each of the forward's steps works on
+    (B, T, V) in place where it can, and the backward turns the saved q into the gradient in place. The
+    shift and the mask are a per-row weight (0 for the last position and for ignored targets) instead of a
+    copy of the real rows. Log-probs are clamped at EMPTY as in divergence(), so ruled-out tokens (logit
+    -inf) give the same finite values. Extra memory: q and p, which autograd would also have kept."""
 
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, labels, temperature):
@@ -153,19 +153,19 @@ class ForwardKL(torch.autograd.Function):
         s_logp.clamp_min_(EMPTY)
         p = t_logp.exp()
         kl = t_logp.sub_(s_logp).mul_(p).sum(-1, keepdim=True)                       # (B, T, 1)
-        p.mul_(kept)
+        p_kept = p.mul_(kept)
         q = s_logp.exp_()
-        ctx.save_for_backward(q, p, p.sum(-1, keepdim=True), w * (temperature / n))
+        ctx.save_for_backward(q, p_kept, p_kept.sum(-1, keepdim=True), w * (temperature / n))
         ctx.logits_dtype = student_logits.dtype
         return temperature ** 2 * (kl * w).sum() / n
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, p, p_kept, w = ctx.saved_tensors
+        q, p_kept, mass_kept, w = ctx.saved_tensors
         # The clamp passes no gradient where it cut, so the log-softmax's backward sees -p only on kept tokens:
         # the KL's gradient in z_S / T is q * sum_kept p - p * kept, which is q - p when nothing is ruled out.
         # In place, like ChunkedKD: a backward without retain_graph runs once, so q can become the gradient.
-        return q.mul_(p_kept).sub_(p).mul_(w * grad_out).to(ctx.logits_dtype), None, None, None
+        return q.mul_(mass_kept).sub_(p_kept).mul_(w * grad_out).to(ctx.logits_dtype), None, None, None
 
 
 class ChunkedKD(torch.autograd.Function):

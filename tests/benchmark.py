@@ -274,7 +274,8 @@ def plan(device: str, dtype: str, with_compile: bool):
         n = dict(d, pair="narrow")
         rows += [("ce, bf16 autocast", dict(d, kind="ce", dtype="bf16")),
                  ("kd (logits), bf16 autocast", dict(d, kind="kd_logits", dtype="bf16")),
-                 ("ce, fp32", dict(n, kind="ce", dtype="fp32")), ("ce, bf16 autocast", dict(n, kind="ce", dtype="bf16")),
+                 ("ce, fp32", dict(n, kind="ce", dtype="fp32")),
+                 ("ce, bf16 autocast", dict(n, kind="ce", dtype="bf16")),
                  ("kd (logits), fp32", dict(n, kind="kd_logits", dtype="fp32")),
                  ("kd (logits), bf16 autocast", dict(n, kind="kd_logits", dtype="bf16"))]
     elif cpu:  # the bf16 fast path: few tokens, since each bf16 matmul is emulated on CPUs without native bf16
