@@ -7,7 +7,7 @@ pretraining; the training loop. Also where --device/--dtype auto become what thi
 from pathlib import Path
 
 from model import dist
-from model.common import UserError, pick_device, pick_dtype
+from model.common import CPU_BF16_MIN_WIDTH, UserError, cpu_has_native_bf16, pick_device, pick_dtype
 
 
 def add_data_args(parser):
@@ -24,7 +24,8 @@ def add_data_args(parser):
     parser.add_argument("--out_dir", default="out", help="tokenizer, checkpoints, caches, logs and reports go here")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                        help="autocast dtype (fp16 trains with loss scaling); auto = bf16 on CUDA, fp32 on CPU")
+                        help="autocast dtype (fp16 trains with loss scaling); auto = bf16 on CUDA, and on a CPU "
+                             "with native bf16 (AVX512-BF16/AMX) for a student of --n_embd >= 128; else fp32")
 
 
 def add_student_args(parser):
@@ -36,14 +37,20 @@ def add_student_args(parser):
 
 
 def resolve_device(args):
-    """--device and --dtype auto -> this machine's, written back into args (the reports record them). Under
-    torchrun this joins the job first (model/dist.py): each rank gets its own GPU, or the CPU."""
+    """--device and --dtype auto -> this machine's, written back into args (the reports record them). On a
+    CPU, auto decides by the student's width (--n_embd), the model both scripts train (model/common.py).
+    Under torchrun this joins the job first (model/dist.py): each rank gets its own GPU, or the CPU."""
     device = pick_device(args.device)
     if dist.world_size() > 1 and not (device == "cpu" or device.startswith("cuda")):
         raise UserError(f"--device {device}: under torchrun, use cuda (NCCL) or cpu (gloo)")
     args.device = dist.init(device)
-    args.dtype = pick_dtype(args.dtype, args.device)
-    print(f"device {args.device} | dtype {args.dtype} | out_dir {Path(args.out_dir)}"
+    auto = args.dtype == "auto"
+    args.dtype = pick_dtype(args.dtype, args.device, args.n_embd)
+    why = ""
+    if auto and args.device == "cpu":
+        why = (f" (auto: {'native' if cpu_has_native_bf16() else 'no native'} bf16, student width {args.n_embd}, "
+               f"bf16 from {CPU_BF16_MIN_WIDTH})")
+    print(f"device {args.device} | dtype {args.dtype}{why} | out_dir {Path(args.out_dir)}"
           + (f" | {dist.world_size()} ranks (torchrun)" if dist.world_size() > 1 else ""))
 
 

@@ -34,12 +34,15 @@ def cross_entropy(logits, labels, weights=None):
     weights (B, T), aligned with labels like the labels are (w_t weighs the target token t+1), default 1.
     The sum is divided by N, not by sum w_t, so an up-weighted token counts w times and a batch split into
     micro-batches weighted by their share of real positions still gives the whole batch's loss."""
-    logits, targets = logits[:, :-1], labels[:, 1:]                                  # (B, T-1, V), (B, T-1)
+    # The shift moves the targets, not the logits: row t of the logits is scored against token t+1, and the
+    # last row, which has no next token, against IGNORE_INDEX. Slicing the logits to [:, :-1] instead would
+    # copy all (B, T-1, V) of them, and copy the gradient back into a (B, T, V) of zeros in the backward.
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)                       # (B, T)
     n = (targets != IGNORE_INDEX).sum().clamp_min(1)
     per_pos = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
-                              ignore_index=IGNORE_INDEX, reduction="none")           # (B*(T-1),), 0 if ignored
+                              ignore_index=IGNORE_INDEX, reduction="none")           # (B*T,), 0 if ignored
     if weights is not None:
-        per_pos = per_pos * weights[:, 1:].flatten().float()
+        per_pos = per_pos * F.pad(weights[:, 1:].float(), (0, 1)).flatten()
     return per_pos.sum() / n
 
 
@@ -110,14 +113,59 @@ def kd_loss(student_logits, teacher_logits, labels, kind: str = "forward_kl", te
     itself shrinks as 1/T, but TV's is (1/T) J^T sign(q - p) / 2 (J the softmax Jacobian), and a sign does
     not shrink as p and q get closer, so it falls only as 1/T; T^2 would make it grow with T.
     Logits (B, T, V) are shifted like CE and averaged over the N real target positions.
-    chunk_size > 0 computes the same loss chunk_size positions at a time (see ChunkedKD)."""
+    chunk_size > 0 computes the same loss chunk_size positions at a time (see ChunkedKD); forward KL, the
+    default, has a fused path with its gradient in closed form (ForwardKL)."""
     if chunk_size > 0 and student_logits.requires_grad:
         return ChunkedKD.apply(student_logits, teacher_logits, labels, kind, temperature, beta, skew, chunk_size)
+    if kind == "forward_kl":
+        return ForwardKL.apply(student_logits, teacher_logits, labels, temperature)
     mask = target_mask(labels)                                                       # (B, T-1)
     s = student_logits[:, :-1][mask].float() / temperature                           # (N, V)
     t = teacher_logits[:, :-1][mask].float() / temperature                           # (N, V)
     d = divergence(t.log_softmax(-1), s.log_softmax(-1), kind, beta, skew)           # (N,)
     return kd_scale(kind, temperature) * d.sum() / mask.sum().clamp_min(1)
+
+
+class ForwardKL(torch.autograd.Function):
+    """kd_loss for forward KL, fused: the same loss, T^2 * 1/N sum_t KL(p_t || q_t), with its gradient in
+    closed form instead of autograd through two log-softmaxes:
+        d loss / d z_S = T * (q - p) / N        at each real target position, 0 elsewhere
+    (the KL's gradient with respect to the softened logits z_S / T is q - p; the chain rule gives 1/T;
+    with tokens the student rules out, see backward).
+    Why: at the default sizes the autograd version of this loss, with CE, took 94-118 ms of a 460 ms KD
+    step (1 thread; 35-65 ms fused, docs/performance.md). It read and wrote (B, T, V) fp32 tensors about 25
+    times: the shifted, masked copies of both logits, p and q, the difference, the product, and in the
+    backward the log-softmax's and the index's gradients. Here, each of the forward's steps works on
+    (B, T, V) in place where it can, and the backward turns the saved q into the gradient in place. The
+    shift and the mask are a per-row weight (0 for the last position and for ignored targets) instead of a
+    copy of the real rows. Log-probs are clamped at EMPTY as in divergence(), so ruled-out tokens (logit
+    -inf) give the same finite values. Extra memory: q and p, which autograd would also have kept."""
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, labels, temperature):
+        B, T, V = student_logits.shape
+        w = torch.zeros(B, T, 1, device=labels.device)                               # (B, T, 1) row weights
+        w[:, :-1, 0] = target_mask(labels)  # row t predicts token t+1: the last row has none
+        n = w.sum().clamp_min(1)
+        t_logp = (teacher_logits.float() / temperature).log_softmax(-1).clamp_min_(EMPTY)   # (B, T, V)
+        s_logp = (student_logits.float() / temperature).log_softmax(-1)
+        kept = s_logp > EMPTY  # False where the student rules a token out: no gradient through its logit
+        s_logp.clamp_min_(EMPTY)
+        p = t_logp.exp()
+        kl = t_logp.sub_(s_logp).mul_(p).sum(-1, keepdim=True)                       # (B, T, 1)
+        p_kept = p.mul_(kept)
+        q = s_logp.exp_()
+        ctx.save_for_backward(q, p_kept, p_kept.sum(-1, keepdim=True), w * (temperature / n))
+        ctx.logits_dtype = student_logits.dtype
+        return temperature ** 2 * (kl * w).sum() / n
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, p_kept, mass_kept, w = ctx.saved_tensors
+        # The clamp passes no gradient where it cut, so the log-softmax's backward sees -p only on kept tokens:
+        # the KL's gradient in z_S / T is q * sum_kept p - p * kept, which is q - p when nothing is ruled out.
+        # In place, like ChunkedKD: a backward without retain_graph runs once, so q can become the gradient.
+        return q.mul_(mass_kept).sub_(p_kept).mul_(w * grad_out).to(ctx.logits_dtype), None, None, None
 
 
 class ChunkedKD(torch.autograd.Function):

@@ -29,11 +29,13 @@ def lr_at(step: int, max_steps: int, lr: float, warmup: int, min_lr: float) -> f
 
 
 def make_optimizer(params, lr: float, weight_decay: float, device: str):
-    """AdamW. Weight decay only on matrices: decaying norms' gains would just pull them towards 0."""
+    """AdamW. Weight decay only on matrices: decaying norms' gains would just pull them towards 0.
+    Fused (one kernel for all parameters) on CUDA and CPU: on CPU it took the default student's step from
+    2.7 to 1.0 ms (1 thread); its rounding differs from the per-parameter loop's in the last bits."""
     params = [p for p in params if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.startswith("cuda"))
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.split(":")[0] in ("cuda", "cpu"))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -87,6 +87,32 @@ def test_kd_loss_scales_with_t_squared_and_shifts():
         "KD = T^2 * mean over the first T-1 positions (the last one has no target)"
 
 
+def test_fused_forward_kl_equals_autograd_through_divergence():
+    """kd_loss's forward-KL path (ForwardKL, its gradient T (q - p) / N in closed form) gives the loss and
+    the gradient of autograd through divergence(), with padding, a temperature, a weight on the loss
+    (its backward must scale by the incoming gradient), and tokens each model rules out (logit -inf)."""
+    s, t, labels = batch()
+    labels[1, 5:] = IGNORE_INDEX
+    s[0, 2, 4], t[2, 3, 6], t[1, 1, 0] = -torch.inf, -torch.inf, -torch.inf
+    T = 2.0
+    mask = labels[:, 1:] != IGNORE_INDEX
+    losses, grads = [], []
+    for fused in (True, False):
+        s_grad = s.clone().requires_grad_()
+        if fused:
+            loss = kd_loss(s_grad, t, labels, "forward_kl", temperature=T)
+        else:
+            p, q = (t[:, :-1][mask] / T).log_softmax(-1), (s_grad[:, :-1][mask] / T).log_softmax(-1)
+            loss = T ** 2 * divergence(p, q, "forward_kl").mean()
+        (3.0 * loss).backward()
+        losses.append(loss)
+        grads.append(s_grad.grad)
+    assert torch.allclose(losses[0], losses[1], rtol=1e-6), f"fused {losses[0]} vs autograd {losses[1]}"
+    assert torch.allclose(grads[0], grads[1], atol=1e-7), "fused and autograd gradients differ"
+    assert (grads[0][0, 2, 4] == 0) and (grads[0][:, -1] == 0).all() and (grads[0][1, 4:] == 0).all(), \
+        "no gradient through a ruled-out student logit, the last position or padding"
+
+
 def test_tv_is_scaled_by_t_not_t_squared():
     """KD with total variation = T * mean TV of the softened distributions (by hand, in float64): TV's
     gradient with respect to the logits shrinks as 1/T, not 1/T^2 like the KLs', so T keeps its pull the

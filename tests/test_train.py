@@ -1,6 +1,6 @@
 """Training machinery (model/train.py, model/checkpoint.py): overfitting one batch, LR schedule, gradient
 accumulation, evaluation on its own interval, checkpoint round-trip and exact resume, clear errors for
-corrupt or mismatched checkpoints. Run: python -m pytest tests/test_train.py"""
+corrupt or mismatched checkpoints, the dtype --dtype auto picks. Run: python -m pytest tests/test_train.py"""
 
 import json
 from argparse import Namespace
@@ -8,6 +8,7 @@ from argparse import Namespace
 import pytest
 import torch
 
+from model import common
 from model.common import UserError
 from model.data import get_batch
 from model.losses import IGNORE_INDEX, cross_entropy
@@ -202,3 +203,14 @@ def test_evaluation_runs_every_eval_interval_whatever_the_log_interval(tmp_path)
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "val_loss" in r] == [2, 4, 6, 7]
     assert [r["step"] for r in records] == [0, 2, 3, 4, 6, 7], "log steps 0, 3, 6, 7 plus the eval steps"
+
+
+def test_auto_dtype_on_cpu_is_bf16_only_with_native_bf16_and_a_wide_enough_model(monkeypatch):
+    """--dtype auto on a CPU: bf16 where the CPU multiplies bf16 natively and the model is at least
+    CPU_BF16_MIN_WIDTH wide (the measured crossover), else fp32; an explicit dtype is never changed."""
+    for native in (True, False):
+        monkeypatch.setattr(common, "cpu_has_native_bf16", lambda native=native: native)
+        assert common.pick_dtype("auto", "cpu", common.CPU_BF16_MIN_WIDTH) == ("bf16" if native else "fp32")
+        assert common.pick_dtype("auto", "cpu", common.CPU_BF16_MIN_WIDTH - 1) == "fp32", "too narrow to pay"
+        assert common.pick_dtype("fp32", "cpu", 4096) == "fp32" and common.pick_dtype("bf16", "cpu", 8) == "bf16"
+    assert common.pick_dtype("auto", "mps", 4096) == "fp32"
