@@ -3,11 +3,10 @@ White-box distillation: a small student learns from a bigger teacher's logits an
 
     loss = alpha * CE(y, z_S) + (1 - alpha) * T^2 * D(p_T || p_S) + lambda_h * L_hidden + lambda_a * L_attn
 
-With no arguments it runs the whole story on a 2-core CPU in 11-13 minutes the first time (most of it the
-teacher's pretraining) and 4 once the teacher is cached: generate the embedded story corpus, train a
-tokenizer, pretrain a teacher (once; later runs reuse out/teacher.pt), distil a student, train the same
-student with CE only as a baseline (same init, same batches, same steps) and once more for as many FLOPs as
-distillation spent, and print a comparison table (also written to out/whitebox_report.json).
+With no arguments it runs the whole story on a 2-core CPU, in 10-13 minutes the first time and 3-4 once the
+teacher is cached in out/teacher.pt: the embedded story corpus, a tokenizer, the teacher's pretraining, a
+distilled student, the same student trained with CE only (same init, batches and steps) and for as many FLOPs
+as distillation spent, and a comparison table (also written to out/whitebox_report.json).
 
     python train_distill_whitebox.py
     python train_distill_whitebox.py --divergence reverse_kl --temperature 2 --hidden_weight 1
@@ -153,8 +152,7 @@ def main():
     projector = nn.ModuleList(nn.Linear(args.n_embd, teacher.config.n_embd, bias=False) for _ in pairs).to(args.device)
     use_hidden, use_attn = args.hidden_weight > 0, args.attn_weight > 0
     if use_attn and (args.n_embd % args.attn_heads or teacher.config.n_embd % args.attn_heads):
-        raise UserError(f"--attn_heads {args.attn_heads} must divide both widths "
-                        f"({args.n_embd}, {teacher.config.n_embd})")
+        raise UserError(f"--attn_heads {args.attn_heads} must divide n_embd ({args.n_embd}, {teacher.config.n_embd})")
     print(f"teacher {teacher.num_params() / 1e6:.2f}M params | student {student.num_params() / 1e6:.2f}M params "
           f"| layer map {pairs if use_hidden else 'unused'}")
 
