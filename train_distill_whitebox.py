@@ -58,9 +58,9 @@ def parse_args():
     p.add_argument("--hidden_weight", type=float, default=0.0, help="lambda_h, weight of the hidden-state loss")
     p.add_argument("--hidden_loss", default="mse", choices=["mse", "cosine"], help="hidden-state distance")
     p.add_argument("--layer_map", default=None,
-                   help="student:teacher block pairs, e.g. '1:2,2:4'; default evenly spaced")
+                   help="student:teacher block pairs (hidden, attention terms), e.g. '1:2,2:4'; default evenly spaced")
     p.add_argument("--attn_weight", type=float, default=1.0,
-                   help="lambda_a, weight of the MiniLM attention/value relation loss (last layer)")
+                   help="lambda_a, weight of the MiniLM attention/value relation loss (on the --layer_map pairs)")
     p.add_argument("--attn_heads", type=int, default=4, help="relation heads of the attention loss")
     p.add_argument("--no_baseline", action="store_true", help="skip the CE-only baseline student")
     p.add_argument("--no_flops_matched", action="store_true",
@@ -154,7 +154,7 @@ def main():
     if use_attn and (args.n_embd % args.attn_heads or teacher.config.n_embd % args.attn_heads):
         raise UserError(f"--attn_heads {args.attn_heads} must divide n_embd ({args.n_embd}, {teacher.config.n_embd})")
     print(f"teacher {teacher.num_params() / 1e6:.2f}M params | student {student.num_params() / 1e6:.2f}M params "
-          f"| layer map {pairs if use_hidden else 'unused'}")
+          f"| layer map {pairs if use_hidden or use_attn else 'unused'}")
 
     # ------------------------------------------------------------------------------------------------------
     # the teacher's side of the KD term: online, a teacher forward pass per step; or offline, its top-k
@@ -205,7 +205,8 @@ def main():
             parts["hid"] = hidden_loss(s_states, t_states, labels, args.hidden_loss)
             loss = loss + args.hidden_weight * parts["hid"]
         if use_attn:
-            parts["attn"] = attention_relation_loss(s_out["qkv"][-1], t_out["qkv"][-1], labels, args.attn_heads)
+            s_qkvs, t_qkvs = [s_out["qkv"][i - 1] for i, _ in pairs], [t_out["qkv"][j - 1] for _, j in pairs]
+            parts["attn"] = attention_relation_loss(s_qkvs, t_qkvs, labels, args.attn_heads)
             loss = loss + args.attn_weight * parts["attn"]
         return loss, {"loss": loss, **parts}
 

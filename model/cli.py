@@ -64,7 +64,7 @@ def add_teacher_args(parser):
                         help="teacher checkpoint, or a Hugging Face Llama folder (config.json, *.safetensors, "
                              "tokenizer.model: the student then uses its tokenizer); default <out_dir>/teacher.pt, "
                              "pretrained first if missing")
-    parser.add_argument("--teacher_layers", type=int, default=4, help="teacher pretraining: layers")
+    parser.add_argument("--teacher_layers", type=int, default=2, help="teacher pretraining: layers")
     parser.add_argument("--teacher_dim", type=int, default=256, help="teacher pretraining: width C")
     parser.add_argument("--teacher_heads", type=int, default=4, help="teacher pretraining: query heads")
     parser.add_argument("--teacher_kv_heads", type=int, default=2, help="teacher pretraining: key/value heads")

@@ -280,21 +280,25 @@ def relation_logp(a, b, n_rel_heads: int, valid):
         return scores.masked_fill(~valid, torch.finfo(scores.dtype).min).log_softmax(-1)
 
 
-def attention_relation_loss(student_qkv, teacher_qkv, labels, n_rel_heads: int):
-    """MiniLM (Wang et al. 2020) self-attention transfer, with MiniLMv2's relation heads:
+def attention_relation_loss(student_qkvs, teacher_qkvs, labels, n_rel_heads: int):
+    """MiniLM (Wang et al. 2020) self-attention transfer, with MiniLMv2's relation heads, on matched blocks:
       L_attn = KL( softmax(q_T k_T^T / sqrt d) || softmax(q_S k_S^T / sqrt d) )      attention distributions
              + KL( softmax(v_T v_T^T / sqrt d) || softmax(v_S v_S^T / sqrt d) )      value relations
     each a (T x T) row-wise KL under the causal mask, averaged over relation heads and over the real
-    query positions. Forward KL, teacher first, as in MiniLM: the student must cover every position the
-    teacher attends to. q, k, v are (B, H, T, D) from the model (K/V already repeated to H heads)."""
-    (qs, ks, vs), (qt, kt, vt) = student_qkv, teacher_qkv
-    T = qs.size(2)
-    valid = torch.ones(T, T, dtype=torch.bool, device=qs.device).tril()            # (T, T) causal
+    query positions, then over the block pairs. Forward KL, teacher first, as in MiniLM: the student must
+    cover every position the teacher attends to. The arguments are lists with one (q, k, v) per matched
+    block, each (B, H, T, D) from the model (K/V already repeated to H heads). MiniLM matches the last block
+    only; a list of every block also hands over attention patterns that work across blocks (copying)."""
+    T, device = labels.size(1), labels.device
+    valid = torch.ones(T, T, dtype=torch.bool, device=device).tril()                 # (T, T) causal
     mask = target_mask(labels)                                                       # (B, T-1)
     total = 0.0
-    for (a_s, b_s), (a_t, b_t) in (((qs, ks), (qt, kt)), ((vs, vs), (vt, vt))):
-        s = relation_logp(a_s, b_s, n_rel_heads, valid)                              # (B, R, T, T)
-        t = relation_logp(a_t, b_t, n_rel_heads, valid)
-        kl = (t.exp() * (t - s)).sum(-1).mean(1)                                     # (B, T)
-        total = total + kl[:, :-1][mask].sum() / mask.sum().clamp_min(1)
-    return total
+    for (qs, ks, vs), (qt, kt, vt) in zip(student_qkvs, teacher_qkvs):
+        block = 0.0
+        for (a_s, b_s), (a_t, b_t) in (((qs, ks), (qt, kt)), ((vs, vs), (vt, vt))):
+            s = relation_logp(a_s, b_s, n_rel_heads, valid)                          # (B, R, T, T)
+            t = relation_logp(a_t, b_t, n_rel_heads, valid)
+            kl = (t.exp() * (t - s)).sum(-1).mean(1)                                 # (B, T)
+            block = block + kl[:, :-1][mask].sum() / mask.sum().clamp_min(1)
+        total = total + block
+    return total / len(student_qkvs)

@@ -51,17 +51,17 @@ from model.train import make_optimizer
 from model.world import default_corpus
 
 # The default pair is train_distill_whitebox.py's defaults (student --n_layer 2 --n_embd 128 --n_head 4
-# --n_kv_head 2; teacher --teacher_layers 4 --teacher_dim 256 --teacher_heads 4 --teacher_kv_heads 2;
+# --n_kv_head 2; teacher --teacher_layers 2 --teacher_dim 256 --teacher_heads 4 --teacher_kv_heads 2;
 # --vocab_size 2048 --batch_size 16 --block_size 128): keep them in step with that script.
 # The narrow pair (student width 96, under model/common.py CPU_BF16_MIN_WIDTH) and the default one sit either
 # side of the width from which --dtype auto picks bf16 on a CPU with native bf16. The large pair (a 28M teacher,
 # a 5M student, V = 8192) is where bf16 pays most there; the GPU-sized pair has a 40M teacher and an 11M student
 # at a 32k vocabulary.
 PAIRS = {
-    "default": dict(teacher=dict(n_layer=4, n_embd=256, n_head=4, n_kv_head=2),
+    "default": dict(teacher=dict(n_layer=2, n_embd=256, n_head=4, n_kv_head=2),
                     student=dict(n_layer=2, n_embd=128, n_head=4, n_kv_head=2), vocab_size=2048,
                     batch_size=16, block_size=128),
-    "narrow": dict(teacher=dict(n_layer=4, n_embd=192, n_head=4, n_kv_head=2),
+    "narrow": dict(teacher=dict(n_layer=2, n_embd=192, n_head=4, n_kv_head=2),
                    student=dict(n_layer=2, n_embd=96, n_head=4, n_kv_head=2), vocab_size=2048,
                    batch_size=16, block_size=128),
     "large": dict(teacher=dict(n_layer=8, n_embd=512, n_head=8, n_kv_head=4),

@@ -189,16 +189,16 @@ def test_attention_relation_loss_across_widths():
     x = torch.randint(0, 32, (2, 10))
     labels = x.clone()
     t_qkv = t(x, output_qkv=True)["qkv"][-1]
-    self_loss = attention_relation_loss(t_qkv, t_qkv, labels, n_rel_heads=4)
+    self_loss = attention_relation_loss([t_qkv], [t_qkv], labels, n_rel_heads=4)
     assert self_loss.abs() < 1e-6, "a model's relations match themselves"
-    loss = attention_relation_loss(s(x, output_qkv=True)["qkv"][-1], t_qkv, labels, n_rel_heads=4)
+    loss = attention_relation_loss([s(x, output_qkv=True)["qkv"][-1]], [t_qkv], labels, n_rel_heads=4)
     assert loss > 0 and torch.isfinite(loss)
     loss.backward()
     grads = [p.grad for p in s.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads), "no nan from the masked (future) entries"
     # padding invariance holds for the relation loss too
     xp, lp = pad(x, 3, 0), pad(labels, 3, IGNORE_INDEX)
-    padded = attention_relation_loss(s(xp, output_qkv=True)["qkv"][-1], t(xp, output_qkv=True)["qkv"][-1], lp, 4)
+    padded = attention_relation_loss(s(xp, output_qkv=True)["qkv"][-1:], t(xp, output_qkv=True)["qkv"][-1:], lp, 4)
     assert torch.allclose(padded, loss, atol=1e-5)
 
 
@@ -211,9 +211,9 @@ def test_attention_relation_loss_is_fp32_under_bf16_autocast():
     x = torch.randint(0, 32, (2, 12))
     with torch.no_grad():
         s_qkv, t_qkv = s(x, output_qkv=True)["qkv"][-1], t(x, output_qkv=True)["qkv"][-1]  # fp32 inputs for both runs
-    fp32 = attention_relation_loss(s_qkv, t_qkv, x, n_rel_heads=4)
+    fp32 = attention_relation_loss([s_qkv], [t_qkv], x, n_rel_heads=4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        under_bf16 = attention_relation_loss(s_qkv, t_qkv, x, n_rel_heads=4)
+        under_bf16 = attention_relation_loss([s_qkv], [t_qkv], x, n_rel_heads=4)
     assert under_bf16.dtype == torch.float32
     assert torch.allclose(under_bf16, fp32, rtol=1e-4, atol=0), f"bf16 autocast: {under_bf16} vs fp32 {fp32}"
 
@@ -285,8 +285,14 @@ def test_attention_relation_loss_matches_a_naive_loop():
     labels = torch.randint(0, 9, (B, T), generator=g)
     labels[1, 3:] = IGNORE_INDEX  # example 1 has real targets only at query positions 0 and 1
     ref = naive_relation_loss(student, teacher, labels, R)
-    got = attention_relation_loss(student, teacher, labels, n_rel_heads=R).item()
+    got = attention_relation_loss([student], [teacher], labels, n_rel_heads=R).item()
     assert got == pytest.approx(ref, rel=1e-5), f"attention + value relation KL: got {got}, naive loop {ref}"
+    # two matched block pairs: the mean of the two blocks' losses
+    student2 = [torch.randn(B, 2, T, 4, generator=g) for _ in range(3)]
+    teacher2 = [torch.randn(B, 4, T, 4, generator=g) for _ in range(3)]
+    ref2 = naive_relation_loss(student2, teacher2, labels, R)
+    got = attention_relation_loss([student, student2], [teacher, teacher2], labels, n_rel_heads=R).item()
+    assert got == pytest.approx((ref + ref2) / 2, rel=1e-5) and abs(ref - ref2) > 1e-2 * ref, (got, ref, ref2)
     # the test can tell each term and each KL direction apart
     q_k_only = naive_relation_loss([student[0], student[1], torch.zeros_like(student[2])],
                                    [teacher[0], teacher[1], torch.zeros_like(teacher[2])], labels, R)
