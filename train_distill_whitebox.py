@@ -3,10 +3,9 @@ White-box distillation: a small student learns from a bigger teacher's logits an
 
     loss = alpha * CE(y, z_S) + (1 - alpha) * T^2 * D(p_T || p_S) + lambda_h * L_hidden + lambda_a * L_attn
 
-With no arguments it runs the whole story on a 2-core CPU, in 10-13 minutes the first time and 3-4 once the
-teacher is cached in out/teacher.pt: the embedded story corpus, a tokenizer, the teacher's pretraining, a
-distilled student, the same student trained with CE only (same init, batches and steps) and for as many FLOPs
-as distillation spent, and a comparison table (also written to out/whitebox_report.json).
+With no arguments it runs the whole story on a 2-core CPU in 3-7 minutes (less with out/teacher.pt cached):
+the embedded story corpus, a tokenizer, the teacher's pretraining, a distilled student, the same student
+trained with CE only (same init, batches, steps) and for as many FLOPs as distillation spent, and a table.
 
     python train_distill_whitebox.py
     python train_distill_whitebox.py --divergence reverse_kl --temperature 2 --hidden_weight 1
