@@ -3,7 +3,7 @@ White-box distillation: a small student learns from a bigger teacher's logits an
 
     loss = alpha * CE(y, z_S) + (1 - alpha) * T^2 * D(p_T || p_S) + lambda_h * L_hidden + lambda_a * L_attn
 
-With no arguments it runs the whole story on a 2-core CPU in 3-7 minutes (less with out/teacher.pt cached):
+With no arguments it runs the whole story on a 2-core CPU in 3-8 minutes (less with out/teacher.pt cached):
 the embedded story corpus, a tokenizer, the teacher's pretraining, a distilled student, the same student
 trained with CE only (same init, batches, steps) and for as many FLOPs as distillation spent, and a table.
 
