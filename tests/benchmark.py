@@ -3,9 +3,10 @@ Distillation benchmark: tokens/s, peak memory and MFU of the steps that distilla
 current device, plus the fast paths before/after and the issue's targets. Not a test (pytest collects
 only test_*.py). Run from the repository root:
 
-    python tests/benchmark.py                 # 2.5 min on a 2-core CPU
+    python tests/benchmark.py                 # 4 min on a 2-core CPU
     python tests/benchmark.py --compile       # also time torch.compile (minutes of compiling on a CPU)
     python tests/benchmark.py --device cuda
+    python tests/benchmark.py --pairs gpu-sized,loss   # only those rows
 
 Run by path, it re-runs itself as `python -m tests.benchmark` from the repository root, so that
 `import model` works without editing sys.path.
@@ -335,6 +336,8 @@ def main():
                    help="the table's autocast dtype; auto = bf16 on CUDA, fp32 on CPU (on a CPU with native "
                         "bf16, the bf16 rows show what the scripts' --dtype auto picks there)")
     p.add_argument("--compile", action="store_true", help="also time a torch.compile'd KD step")
+    p.add_argument("--pairs", default=",".join([*PAIRS, "loss"]),
+                   help="comma-separated pairs to measure, of " + ", ".join([*PAIRS, "loss"]) + " (default: all)")
     p.add_argument("--out", default="out/benchmark.json")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -353,7 +356,10 @@ def main():
     results = []
     print(f"\n{'pair':<10} {'step':<31} {'B':>3} {'tok/s':>9} {'ms/step':>9} {'MFU':>6} {'peak MB':>8}"
           "   (best of n steps; peak = extra memory of a step)")
-    for row, spec in plan(device, dtype, args.compile):
+    pairs = args.pairs.split(",")
+    if unknown := set(pairs) - {*PAIRS, "loss"}:
+        p.error(f"--pairs: unknown pair(s) {', '.join(sorted(unknown))}")
+    for row, spec in [(row, spec) for row, spec in plan(device, dtype, args.compile) if spec["pair"] in pairs]:
         r = run_child(spec)
         r.update(row=row, **spec)
         results.append(r)
