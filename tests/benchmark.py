@@ -336,14 +336,18 @@ def main():
                    help="the table's autocast dtype; auto = bf16 on CUDA, fp32 on CPU (on a CPU with native "
                         "bf16, the bf16 rows show what the scripts' --dtype auto picks there)")
     p.add_argument("--compile", action="store_true", help="also time a torch.compile'd KD step")
-    p.add_argument("--pairs", default=",".join([*PAIRS, "loss"]),
-                   help="comma-separated pairs to measure, of " + ", ".join([*PAIRS, "loss"]) + " (default: all)")
+    all_pairs = [*PAIRS, "loss"]
+    p.add_argument("--pairs", default=",".join(all_pairs),
+                   help=f"comma-separated pairs to measure, of {', '.join(all_pairs)} (default: all)")
     p.add_argument("--out", default="out/benchmark.json")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print(json.dumps(measure(json.loads(args.child))))
         return
+    pairs = args.pairs.split(",")
+    if unknown := set(pairs) - set(all_pairs):
+        p.error(f"--pairs: unknown pair(s) {', '.join(sorted(unknown))}")
     t_start = time.perf_counter()
     device = pick_device(args.device)
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
@@ -356,10 +360,9 @@ def main():
     results = []
     print(f"\n{'pair':<10} {'step':<31} {'B':>3} {'tok/s':>9} {'ms/step':>9} {'MFU':>6} {'peak MB':>8}"
           "   (best of n steps; peak = extra memory of a step)")
-    pairs = args.pairs.split(",")
-    if unknown := set(pairs) - {*PAIRS, "loss"}:
-        p.error(f"--pairs: unknown pair(s) {', '.join(sorted(unknown))}")
-    for row, spec in [(row, spec) for row, spec in plan(device, dtype, args.compile) if spec["pair"] in pairs]:
+    for row, spec in plan(device, dtype, args.compile):
+        if spec["pair"] not in pairs:
+            continue
         r = run_child(spec)
         r.update(row=row, **spec)
         results.append(r)
