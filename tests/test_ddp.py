@@ -7,7 +7,6 @@ Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_ddp.py"""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from argparse import Namespace
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as td
 import torch.multiprocessing as mp
 
 import train_distill_whitebox as whitebox
@@ -120,8 +120,9 @@ def fit(model, ckpt, log, grad_accum=1, resume=False, die_at=None):
 
 def rank_main(rank, port, out):
     """One rank: a run killed before step 4 (its last checkpoint at step 4), then --resume to step 6."""
+    # as under torchrun: the store is the parent's (torchrun's agent), so no rank exits with it still in use
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE="2", OMP_NUM_THREADS="1")
+                      WORLD_SIZE="2", OMP_NUM_THREADS="1", TORCHELASTIC_USE_AGENT_STORE="True")
     torch.set_num_threads(1)
     dist.init("cpu")
     try:
@@ -133,15 +134,16 @@ def rank_main(rank, port, out):
         dist.barrier()  # as a restarted job would: rank 0 has written its last checkpoint
         model = tiny_model()
         fit(model, out / "k.pt", out / "log.jsonl", grad_accum=2, resume=True)
+        dist.barrier()  # as model/common.py run_main does: the ranks leave the job together
     finally:
         dist.cleanup()
 
 
 def test_resume_under_ddp_ends_where_an_uninterrupted_single_process_run_does(tmp_path):
-    with socket.socket() as s:  # a free port for the ranks to meet on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(rank_main, args=(port, tmp_path), nprocs=2)
+    # the ranks meet at this process's store (on a free port), as torchrun's ranks meet at its agent's
+    store = td.TCPStore("127.0.0.1", 0, world_size=2, is_master=True, wait_for_workers=False)
+    mp.spawn(rank_main, args=(store.port, tmp_path), nprocs=2)
+    del store
     straight = tiny_model()
     fit(straight, tmp_path / "straight.pt", tmp_path / "straight.jsonl")
     resumed = load_checkpoint(tmp_path / "k.pt", "--x")
