@@ -179,8 +179,7 @@ def main():
                                          args.prompt_len, tok.eos_id, args.seed, args.device, args.dtype)
 
         def kd_term(x, labels, s_logits, sampled=None):
-            # inference_mode: no autograd bookkeeping and no kept activations for the frozen teacher
-            with torch.inference_mode():
+            with torch.inference_mode():  # no autograd bookkeeping, no kept activations: the teacher is frozen
                 t_out = teacher_fwd(x, output_hidden_states=use_hidden, output_qkv=use_attn)
             kind = args.on_policy_divergence if sampled is not None and sampled[0] else args.divergence
             return kd_loss(s_logits, t_out["logits"], labels, kind, args.temperature, args.jsd_beta,
@@ -194,8 +193,7 @@ def main():
         s_out = student_fwd(x, output_hidden_states=use_hidden, output_qkv=use_attn)
         ce = cross_entropy(s_out["logits"], labels)
         kd, t_out = kd_term(x, labels, s_out["logits"], *extra)
-        # The student's own samples have no ground truth to take CE against: on them, the divergence alone.
-        alpha = 0.0 if args.on_policy and extra[0][0] else args.alpha
+        alpha = 0.0 if args.on_policy and extra[0][0] else args.alpha  # own samples: no ground truth for CE
         loss = alpha * ce + (1 - alpha) * kd
         parts = {"ce": ce, "kd": kd}
         if use_hidden:
@@ -237,9 +235,8 @@ def main():
     report = whitebox_report(models, teacher, val_batches, logger.records, tok, train_s, steps,
                              None if args.data else args.data_seed, args.device, args.dtype)
     report.update(wall_s=time.perf_counter() - t_start, args=vars(args))
-    # The report is written before anything is printed, so that nothing after training can lose it.
     report_path, plot_path = out_dir / "whitebox_report.json", out_dir / "whitebox_loss.svg"
-    atomic_write_bytes(report_path, json.dumps(report, indent=2).encode())
+    atomic_write_bytes(report_path, json.dumps(report, indent=2).encode())  # first: printing cannot lose it
     plotted = write_loss_plot(plot_path, logger.records, "val_loss", level=report["teacher"]["val_loss"])
     print_report(report, models, tok, val_batches[0][0][:1, :16].to(args.device), args)  # 16 validation tokens
     print(f"\nreport -> {report_path}" + (f" | loss curves -> {plot_path}" if plotted else "")
