@@ -120,7 +120,6 @@ def fit(model, ckpt, log, grad_accum=1, resume=False, die_at=None):
 
 def rank_main(rank, port, out):
     """One rank: a run killed before step 4 (its last checkpoint at step 4), then --resume to step 6."""
-    # as under torchrun: the store is the parent's (torchrun's agent), so no rank exits with it still in use
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2", OMP_NUM_THREADS="1", TORCHELASTIC_USE_AGENT_STORE="True")
     torch.set_num_threads(1)
@@ -140,10 +139,10 @@ def rank_main(rank, port, out):
 
 
 def test_resume_under_ddp_ends_where_an_uninterrupted_single_process_run_does(tmp_path):
-    # the ranks meet at this process's store (on a free port), as torchrun's ranks meet at its agent's
+    # The ranks meet at this process's store (on a free port), as torchrun's meet at its agent's
+    # (TORCHELASTIC_USE_AGENT_STORE): a rank 0 hosting it could exit while rank 1 still used it, and abort it.
     store = td.TCPStore("127.0.0.1", 0, world_size=2, is_master=True, wait_for_workers=False)
     mp.spawn(rank_main, args=(store.port, tmp_path), nprocs=2)
-    del store
     straight = tiny_model()
     fit(straight, tmp_path / "straight.pt", tmp_path / "straight.jsonl")
     resumed = load_checkpoint(tmp_path / "k.pt", "--x")
